@@ -1,0 +1,106 @@
+"""Loader throughput: 3-frame 512x512 clips (HR PNG 512x512 + LQ 128x128) from local shards.
+
+Writes ~40 synthetic clips (smooth textures, like real frames compress) into a temporary shard set,
+then times the training loader with 0 workers (decoding in the main process) and 1 worker, and
+reports clips/s per worker process (= per CPU core). DESIGN.md target: >= 20 clips/s per core.
+
+Usage: python benchmarks/bench_loader.py [--clips 40] [--batches 60] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+
+from dlightning.data.config import DataConfig, SourceConfig
+from dlightning.data.loader import build_train_dataloader
+from dlightning.data.synthetic import synthetic_clip
+
+
+def png(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def write_shards(folder: Path, clips: int, per_shard: int = 10) -> int:
+    """Write the benchmark shard set; returns the mean HR+LQ PNG bytes per clip."""
+    rng = np.random.default_rng(0)
+    files, total = [], 0
+    for s in range(0, clips, per_shard):
+        name = f"bench-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(folder / name), mtime=0) as sink:
+            for j in range(s, min(clips, s + per_shard)):
+                hr, lq = synthetic_clip(rng, frames=3, size=512, scale=4)
+                sample = {"__key__": f"bench_{j:04d}", "caption.txt": b""}
+                for i in range(3):
+                    sample[f"hr_{i:03d}.png"], sample[f"lq_{i:03d}.png"] = png(hr[i]), png(lq[i])
+                total += sum(len(v) for k, v in sample.items() if k.endswith(".png"))
+                meta = {"kind": "video", "num_frames": 3, "hr_size": [512, 512], "lq_size": [128, 128],
+                        "scale": 4}
+                sample["meta.json"] = json.dumps(meta).encode()
+                sink.write(sample)
+        files.append(name)
+    manifest = [{"file": f, "samples": per_shard, "bytes": (folder / f).stat().st_size,
+                 "sha256": hashlib.sha256((folder / f).read_bytes()).hexdigest()} for f in files]
+    (folder / "manifest.json").write_text(json.dumps({"version": 1, "build_config": {}, "shards": manifest}))
+    return total // clips
+
+
+def measure(folder: Path, workers: int, batches: int) -> float:
+    """Clips per second after a warm-up of 5 batches (worker start-up and buffer fill excluded)."""
+    cfg = DataConfig(sources=[SourceConfig(path=str(folder))], frames=3, crop_size=512, scale=4, batch_size=1,
+                     num_workers=workers, shuffle_buffer=8, batches_per_epoch=batches + 5, seed=0)
+    it = iter(build_train_dataloader(cfg, phase_fn=lambda m: "consistency", phases=["consistency"]))
+    for _ in range(5):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        png_bytes = write_shards(folder, args.clips)
+        rows = [(w, measure(folder, w, args.batches)) for w in (0, 1)]
+    lines = [
+        f"### bench_loader ({datetime.date.today().isoformat()})",
+        "",
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs (shared); "
+        f"python {platform.python_version()}, torch {torch.__version__}, opencv {cv2.__version__}, "
+        f"webdataset {wds.__version__ if hasattr(wds, '__version__') else '1.0.2'}",
+        f"clips: 3 frames, HR 512x512 + LQ 128x128 PNG ({png_bytes / 1e6:.2f} MB per clip), crop 512, "
+        f"augment on, {args.batches} timed batches of 1 clip",
+        "",
+        "| num_workers | clips/s | clips/s per core | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {w} | {rate:.1f} | {rate:.1f} | >= 20 |" for w, rate in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if not args.no_append:
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
+            fh.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Config section of the training data loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlightning.errors import ConfigError
+from dlightning.models.config import check_choice
+
+
+@dataclass
+class SourceConfig:
+    """One shard set (a folder with shards and manifest.json, see docs/INTERFACES.md)."""
+
+    path: str = ""
+    weight_consistency: float = 1.0
+    """Mixing weight of this source in the consistency phase (0 = never)."""
+    weight_detail: float = 0.0
+    """Mixing weight of this source in the detail phase (0 = never)."""
+
+    def __post_init__(self) -> None:
+        if self.weight_consistency < 0 or self.weight_detail < 0:
+            raise ConfigError("data.sources[].weight_consistency / weight_detail must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """WebDataset loader: clips, crops, augmentation, phase-aware mixing."""
+
+    backend: str = "shards"
+    """shards: WebDataset shard sets in ``sources``; synthetic: in-memory random clips (smoke tests)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    frames: int = 3
+    """Frames per training clip (windows (0,1), (1,2), ...)."""
+    crop_size: int = 512
+    """HR crop side; the LQ crop is crop_size / scale, aligned."""
+    scale: int = 4
+    batch_size: int = 1
+    """Clips per GPU per micro-batch."""
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    augment: bool = True
+    """Per-clip flips and 90-degree rotations, the same for every frame of the clip."""
+    batches_per_epoch: int = 1000
+    """Batches every rank yields per (virtual) epoch; equal on all ranks by construction."""
+    seed: int = 0
+    """Base data seed; ranks, workers and resumes derive their own from it."""
+    resampled: bool = True
+    """True: every stream draws shards with replacement (no node split needed, equal batch counts by
+    construction). False: each rank reads a disjoint shard subset (split by node, then by stream), each
+    stream cycling through its shards in a fresh random order every pass."""
+    num_streams: int = 0
+    """Independent sample streams per rank and source (0 = max(1, num_workers)). Micro-batch m is drawn
+    from stream m % num_streams, so batch contents depend on this value and the seeds but not on
+    num_workers; it must be a multiple of num_workers."""
+    max_consecutive_skips: int = 1000
+    """Stop with an error after this many bad samples/shards in a row from one source (data unusable)."""
+
+    def __post_init__(self) -> None:
+        check_choice("data", "backend", self.backend, ("shards", "synthetic"))
+        if self.frames < 2:
+            raise ConfigError("data.frames must be >= 2 (the generator needs a previous frame)")
+        if self.crop_size % (self.scale * 8):
+            raise ConfigError(f"data.crop_size={self.crop_size} must be a multiple of 8 * data.scale")
+        for key in ("batch_size", "batches_per_epoch", "shuffle_buffer", "max_consecutive_skips"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1")
+        if self.num_workers < 0 or self.num_streams < 0:
+            raise ConfigError("data.num_workers and data.num_streams must be >= 0")
+        if self.num_streams and self.num_workers and self.num_streams % self.num_workers:
+            raise ConfigError(f"data.num_streams={self.num_streams} must be a multiple of "
+                              f"data.num_workers={self.num_workers} (or 0 for num_workers streams)")
+
+    @property
+    def streams(self) -> int:
+        """Effective number of sample streams per rank and source."""
+        return self.num_streams or max(1, self.num_workers)

@@ -1,0 +1,486 @@
+"""Second-order Real-ESRGAN degradation of whole clips with OpenCV + NumPy (DATA.md 1.1, METHOD.md 6.3).
+
+Parameters are drawn ONCE per clip by :func:`sample_params` (a JSON-serialisable dict; kernels are
+stored as their generating specs) and applied to every frame by :func:`degrade_clip`; only the
+noise is drawn per frame. The ``video`` preset adds codec compression of the clip as one sequence.
+
+Pipeline per frame (float32 RGB in [0, 1]):
+stage 1: blur(k1) -> resize up/down/keep -> Gaussian/Poisson noise -> clip -> JPEG;
+stage 2: blur(k2) with ``blur_prob`` -> resize relative to HR/scale -> noise -> clip, then with
+probability 0.5 ``[resize to HR/scale + final sinc] -> JPEG`` else ``JPEG -> [resize + sinc]``;
+round to uint8. Codec compression (``video`` preset) runs on the uint8 clip, by default at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from dlightning.data import kernels
+from dlightning.data.codec import CODECS, RATE_CONTROLS, compress_clip
+from dlightning.errors import ConfigError
+
+RESIZE_MODES: dict[str, int] = {
+    "area": cv2.INTER_AREA,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+}
+ORDERS = ("resize_sinc_then_jpeg", "jpeg_then_resize_sinc")
+
+
+@dataclass
+class KernelSampling:
+    """How a stage's blur kernel is drawn (Real-ESRGAN ``random_mixed_kernels`` + sinc)."""
+
+    sinc_prob: float = 0.1
+    types: list[str] = field(default_factory=lambda: list(kernels.MIXED_TYPES))
+    probs: list[float] = field(default_factory=lambda: list(kernels.MIXED_PROBS))
+    sigma_range: list[float] = field(default_factory=lambda: [0.2, 3.0])
+    beta_g_range: list[float] = field(default_factory=lambda: [0.5, 4.0])
+    beta_p_range: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    sizes: list[int] = field(default_factory=lambda: list(kernels.KERNEL_SIZES))
+
+
+@dataclass
+class StagePreset:
+    """One degradation stage."""
+
+    kernel: KernelSampling = field(default_factory=KernelSampling)
+    blur_prob: float = 1.0
+    """Probability of blurring at all in this stage (stage 2 of Real-ESRGAN: 0.8)."""
+    resize_probs: list[float] = field(default_factory=lambda: [0.2, 0.7, 0.1])
+    """Probabilities of [up, down, keep]."""
+    up_range: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    down_range: list[float] = field(default_factory=lambda: [0.15, 1.0])
+    gaussian_prob: float = 0.5
+    """Probability of Gaussian noise; otherwise Poisson."""
+    noise_sigma_range: list[float] = field(default_factory=lambda: [1.0, 30.0])
+    """Gaussian sigma in 8-bit units (divided by 255)."""
+    poisson_scale_range: list[float] = field(default_factory=lambda: [0.05, 3.0])
+    gray_noise_prob: float = 0.4
+    jpeg_range: list[int] = field(default_factory=lambda: [30, 95])
+
+
+@dataclass
+class CodecPreset:
+    """Video-codec compression of the clip as one sequence (PyAV, in-memory mp4, yuv420p)."""
+
+    prob: float = 0.0
+    """Probability that a clip is codec-compressed (0 disables the step)."""
+    codecs: list[str] = field(default_factory=lambda: list(CODECS))
+    codec_probs: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2])
+    rate_control: str = "bitrate"
+    """bitrate: ``bitrate_range`` bit/s at 1 fps (= bits per frame); crf: constant quality ``crf_range``."""
+    bitrate_range: list[int] = field(default_factory=lambda: [10_000, 100_000])
+    crf_range: list[int] = field(default_factory=lambda: [20, 35])
+    position: str = "final"
+    """final: on the LQ clip after stage 2 (cheap, like a delivery codec); stage1: after stage-1 JPEG."""
+
+
+@dataclass
+class DegradationPreset:
+    """A full second-order degradation recipe (the ``realesrgan``/``dloral_mild``/``video`` presets)."""
+
+    name: str = "realesrgan"
+    stage1: StagePreset = field(default_factory=StagePreset)
+    stage2: StagePreset = field(default_factory=StagePreset)
+    final_sinc_prob: float = 0.8
+    final_omega_range: list[float] = field(default_factory=lambda: [math.pi / 3, math.pi])
+    codec: CodecPreset = field(default_factory=CodecPreset)
+
+    def __post_init__(self) -> None:
+        if self.codec.rate_control not in RATE_CONTROLS:
+            raise ConfigError(
+                f"codec.rate_control={self.codec.rate_control!r}; choose one of {list(RATE_CONTROLS)}"
+            )
+        if self.codec.position not in ("final", "stage1"):
+            raise ConfigError(f"codec.position={self.codec.position!r}; choose one of ['final', 'stage1']")
+        for name in self.codec.codecs:
+            if name not in CODECS:
+                raise ConfigError(f"codec {name!r} is not supported; choose from {list(CODECS)}")
+        if len(self.codec.codecs) != len(self.codec.codec_probs):
+            raise ConfigError("codec.codecs and codec.codec_probs must have the same length")
+
+
+def _realesrgan() -> DegradationPreset:
+    stage2 = StagePreset(
+        kernel=KernelSampling(sigma_range=[0.2, 1.5]),
+        blur_prob=0.8,
+        resize_probs=[0.3, 0.4, 0.3],
+        up_range=[1.0, 1.2],
+        down_range=[0.3, 1.0],
+        noise_sigma_range=[1.0, 25.0],
+        poisson_scale_range=[0.05, 2.5],
+    )
+    return DegradationPreset(name="realesrgan", stage1=StagePreset(), stage2=stage2)
+
+
+def _dloral_mild() -> DegradationPreset:
+    stage1 = StagePreset(
+        down_range=[0.3, 1.0],
+        noise_sigma_range=[1.0, 15.0],
+        poisson_scale_range=[0.05, 2.0],
+        jpeg_range=[60, 95],
+    )
+    stage2 = StagePreset(
+        kernel=KernelSampling(sigma_range=[0.2, 1.5]),
+        blur_prob=0.5,
+        resize_probs=[0.3, 0.4, 0.3],
+        up_range=[1.0, 1.2],
+        down_range=[0.6, 1.0],
+        noise_sigma_range=[1.0, 12.0],
+        poisson_scale_range=[0.05, 1.0],
+        jpeg_range=[60, 100],
+    )
+    return DegradationPreset(name="dloral_mild", stage1=stage1, stage2=stage2)
+
+
+def _video() -> DegradationPreset:
+    preset = _realesrgan()
+    preset.name = "video"
+    preset.codec = CodecPreset(prob=1.0)
+    return preset
+
+
+PRESETS = {"realesrgan": _realesrgan, "dloral_mild": _dloral_mild, "video": _video}
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> DegradationPreset:
+    """Return a preset by name, with optional nested overrides (e.g. ``{"codec": {"prob": 0.5}}``).
+
+    Raises:
+        ConfigError: Unknown preset name or unknown override key.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"degradation preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]()
+    if overrides:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(preset), OmegaConf.create(dict(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad degradation override for preset {name!r}: {err}") from err
+        preset = OmegaConf.to_object(merged)
+    return preset
+
+
+def preset_to_dict(preset: DegradationPreset) -> dict[str, Any]:
+    """Plain-dict view of a preset (for manifests)."""
+
+    def convert(obj: Any) -> Any:
+        if is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, list):
+            return [convert(v) for v in obj]
+        return obj
+
+    return convert(preset)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def _choice(rng: np.random.Generator, options: list[str], probs: list[float] | None = None) -> str:
+    p = None if probs is None else np.asarray(probs, dtype=np.float64) / float(np.sum(probs))
+    return str(options[int(rng.choice(len(options), p=p))])
+
+
+def _sample_kernel(rng: np.random.Generator, ks: KernelSampling) -> dict[str, Any]:
+    return kernels.random_mixed_kernel_spec(
+        rng,
+        sizes=ks.sizes,
+        types=ks.types,
+        probs=ks.probs,
+        sigma_range=ks.sigma_range,
+        beta_g_range=ks.beta_g_range,
+        beta_p_range=ks.beta_p_range,
+        sinc_prob=ks.sinc_prob,
+    )
+
+
+def _sample_resize(rng: np.random.Generator, stage: StagePreset) -> dict[str, Any]:
+    kind = _choice(rng, ["up", "down", "keep"], stage.resize_probs)
+    if kind == "up":
+        factor = float(rng.uniform(*stage.up_range))
+    elif kind == "down":
+        factor = float(rng.uniform(*stage.down_range))
+    else:
+        factor = 1.0
+    return {"kind": kind, "scale": factor, "mode": _choice(rng, list(RESIZE_MODES))}
+
+
+def _sample_noise(rng: np.random.Generator, stage: StagePreset) -> dict[str, Any]:
+    gray = bool(rng.uniform() < stage.gray_noise_prob)
+    if rng.uniform() < stage.gaussian_prob:
+        return {"type": "gaussian", "sigma": float(rng.uniform(*stage.noise_sigma_range)), "gray": gray}
+    return {"type": "poisson", "scale": float(rng.uniform(*stage.poisson_scale_range)), "gray": gray}
+
+
+def _sample_jpeg(rng: np.random.Generator, stage: StagePreset) -> int:
+    lo, hi = stage.jpeg_range
+    return int(rng.integers(int(lo), int(hi) + 1))
+
+
+def _sample_stage(rng: np.random.Generator, stage: StagePreset) -> dict[str, Any]:
+    blur = bool(rng.uniform() < stage.blur_prob)
+    return {
+        "blur": blur,
+        "kernel": _sample_kernel(rng, stage.kernel) if blur else None,
+        "resize": _sample_resize(rng, stage),
+        "noise": _sample_noise(rng, stage),
+        "jpeg_quality": _sample_jpeg(rng, stage),
+    }
+
+
+def _sample_codec(rng: np.random.Generator, codec: CodecPreset) -> dict[str, Any] | None:
+    if codec.prob <= 0 or rng.uniform() >= codec.prob:
+        return None
+    out: dict[str, Any] = {
+        "codec": _choice(rng, codec.codecs, codec.codec_probs),
+        "rate_control": codec.rate_control,
+        "position": codec.position,
+    }
+    if codec.rate_control == "bitrate":
+        out["bitrate"] = int(rng.integers(int(codec.bitrate_range[0]), int(codec.bitrate_range[1]) + 1))
+    else:
+        out["crf"] = int(rng.integers(int(codec.crf_range[0]), int(codec.crf_range[1]) + 1))
+    return out
+
+
+def sample_params(preset: DegradationPreset, rng: np.random.Generator) -> dict[str, Any]:
+    """Draw every degradation choice for one clip (JSON-serialisable; kernels as specs).
+
+    Args:
+        preset: The recipe (see :data:`PRESETS`).
+        rng: The clip's generator; the same state gives the same parameters.
+
+    Returns:
+        ``{"preset", "stage1", "stage2", "final", "codec"}``; ``codec`` is None when not applied.
+    """
+    stage1 = _sample_stage(rng, preset.stage1)
+    stage2 = _sample_stage(rng, preset.stage2)
+    if rng.uniform() < preset.final_sinc_prob:
+        sinc = {
+            "type": "sinc",
+            "size": int(rng.choice(kernels.KERNEL_SIZES)),
+            "omega_c": float(rng.uniform(*preset.final_omega_range)),
+        }
+    else:
+        sinc = {"type": "identity", "size": kernels.PAD_TO}
+    final = {
+        "order": _choice(rng, list(ORDERS)),
+        "resize_mode": _choice(rng, list(RESIZE_MODES)),
+        "sinc": sinc,
+    }
+    return {
+        "preset": preset.name,
+        "stage1": stage1,
+        "stage2": stage2,
+        "final": final,
+        "codec": _sample_codec(rng, preset.codec),
+    }
+
+
+# ----------------------------------------------------------------------------------------- operators
+
+
+SEPARABLE_MAX_RANK = 4
+"""Kernels whose low-rank (SVD) approximation needs at most this many separable terms are filtered
+as a sum of separable passes (much faster than OpenCV's 2-D filter for 512^2 frames)."""
+SEPARABLE_TOL = 1e-4
+"""Largest L1 error of the low-rank approximation (bounds the per-pixel error, well below 0.5/255)."""
+
+
+def prepare_kernel(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """Rebuild a kernel for fast filtering: trimmed of its zero padding, split into separable terms.
+
+    Returns ``("sep", [(kx, ky), ...])`` with ``K ~ sum outer(ky, kx)`` (L1 error <= SEPARABLE_TOL;
+    exact for isotropic Gaussians) or ``("full", K)``. The trimmed padding is exactly zero, so
+    filtering with either form matches filtering with the padded 21x21 kernel.
+    """
+    k = kernels.build_kernel(spec, pad_to=int(spec["size"])).astype(np.float64)
+    u, s, vt = np.linalg.svd(k)
+    approx = np.zeros_like(k)
+    for r in range(min(SEPARABLE_MAX_RANK, len(s))):
+        approx += s[r] * np.outer(u[:, r], vt[r])
+        if np.abs(k - approx).sum() <= SEPARABLE_TOL:
+            terms = [
+                ((vt[i] * math.sqrt(s[i])).astype(np.float32), (u[:, i] * math.sqrt(s[i])).astype(np.float32))
+                for i in range(r + 1)
+            ]
+            return ("sep", terms)
+    return ("full", k.astype(np.float32))
+
+
+def blur(img: np.ndarray, kernel: np.ndarray | tuple[Any, ...]) -> np.ndarray:
+    """Filter with reflect-101 borders (the padding Real-ESRGAN's ``filter2D`` uses).
+
+    ``kernel`` is a 2-D array or the output of :func:`prepare_kernel`.
+    """
+    if isinstance(kernel, np.ndarray):
+        return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+    kind, value = kernel
+    if kind == "full":
+        return cv2.filter2D(img, -1, value, borderType=cv2.BORDER_REFLECT_101)
+    out = None
+    for kx, ky in value:
+        term = cv2.sepFilter2D(img, -1, kx, ky, borderType=cv2.BORDER_REFLECT_101)
+        out = term if out is None else cv2.add(out, term)
+    return out
+
+
+def resize(img: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize to ``(h, w)`` with ``area``/``bilinear``/``bicubic`` interpolation (no antialias)."""
+    h, w = max(1, int(size_hw[0])), max(1, int(size_hw[1]))
+    if img.shape[:2] == (h, w):
+        return img
+    return cv2.resize(img, (w, h), interpolation=RESIZE_MODES[mode])
+
+
+def add_noise(img: np.ndarray, noise: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """Add one fresh Gaussian or Poisson noise realisation and clip to [0, 1]."""
+    h, w, _ = img.shape
+    if noise["type"] == "gaussian":
+        shape = (h, w, 1) if noise["gray"] else (h, w, 3)
+        n = rng.standard_normal(shape, dtype=np.float32) * np.float32(noise["sigma"] / 255.0)
+    else:
+        src = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] if noise["gray"] else img
+        n = _poisson_noise(src, rng) * np.float32(noise["scale"])
+    return np.clip(img + n, 0.0, 1.0)
+
+
+POISSON_NORMAL_ABOVE = 64.0
+"""Rates at or above this are sampled as round(N(lam, lam)) instead of exactly: at lam >= 64 the
+two distributions differ by less than the 8-bit quantisation (skewness <= 0.125), and the exact
+sampler is the slowest step of the whole pipeline (DATA.md 1.6 budget)."""
+
+
+def sample_poisson(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Poisson counts for float32 rates: exact below ``POISSON_NORMAL_ABOVE``, rounded normal above."""
+    out = np.rint(lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32))
+    np.maximum(out, 0.0, out=out)
+    low = lam < POISSON_NORMAL_ABOVE
+    if low.any():
+        out[low] = rng.poisson(lam[low])
+    return out
+
+
+def _poisson_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Signal-dependent noise with as many photon levels as the image has 8-bit values (rounded up to 2^k)."""
+    q = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    levels = int(np.count_nonzero(np.bincount(q.ravel(), minlength=256)))
+    vals = np.float32(2 ** math.ceil(math.log2(max(levels, 1))))
+    qf = q.astype(np.float32) / np.float32(255.0)
+    return sample_poisson(qf * vals, rng) / vals - qf
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG-compress an RGB float image with OpenCV (channels swapped to BGR so chroma is right)."""
+    u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
+    if not ok:
+        raise RuntimeError(f"cv2.imencode failed for JPEG quality {quality}")
+    dec = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return dec.astype(np.float32) / 255.0
+
+
+def usm_sharpen(
+    frames: np.ndarray, *, radius: int = 51, sigma: float = 0.0, weight: float = 0.5, threshold: float = 10.0
+) -> np.ndarray:
+    """Unsharp-mask sharpening of uint8 frames with a soft threshold mask (separable cv2.GaussianBlur).
+
+    Args:
+        frames: ``(T, H, W, 3)`` uint8.
+        radius: Gaussian kernel size (odd); sigma 0 lets OpenCV derive it from the size.
+        weight: Residual weight.
+        threshold: Residual magnitude (8-bit units) above which sharpening applies (soft edges).
+    """
+    out = np.empty_like(frames)
+    for i, frame in enumerate(frames):
+        img = frame.astype(np.float32) / 255.0
+        residual = img - cv2.GaussianBlur(img, (radius, radius), sigma)
+        mask = (np.abs(residual) * 255.0 > threshold).astype(np.float32)
+        soft = cv2.GaussianBlur(mask, (radius, radius), sigma)
+        sharp = np.clip(img + weight * residual, 0.0, 1.0)
+        res = soft * sharp + (1.0 - soft) * img
+        out[i] = np.clip(np.rint(res * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def _apply_stage(
+    clip: list[np.ndarray], stage: dict[str, Any], size_hw: tuple[int, int], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Blur -> resize to ``size_hw`` -> noise (per frame) -> clip, for every frame."""
+    k = prepare_kernel(stage["kernel"]) if stage["blur"] else None
+    out = []
+    for img in clip:
+        if k is not None:
+            img = blur(img, k)
+        img = resize(img, size_hw, stage["resize"]["mode"])
+        out.append(add_noise(img, stage["noise"], rng))
+    return out
+
+
+def _scaled(size_hw: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, int(size_hw[0] * factor)), max(1, int(size_hw[1] * factor))
+
+
+def _resize_sinc(clip: list[np.ndarray], final: dict[str, Any], lq_hw: tuple[int, int]) -> list[np.ndarray]:
+    k = prepare_kernel(final["sinc"])
+    return [blur(resize(img, lq_hw, final["resize_mode"]), k) for img in clip]
+
+
+def _to_uint8(clip: list[np.ndarray]) -> np.ndarray:
+    return np.stack([np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8) for img in clip])
+
+
+def _to_float(frames: np.ndarray) -> list[np.ndarray]:
+    return [f.astype(np.float32) / 255.0 for f in frames]
+
+
+def degrade_clip(
+    frames: np.ndarray, params: dict[str, Any], scale: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Degrade a clip with parameters from :func:`sample_params`; noise is drawn per frame from ``rng``.
+
+    Args:
+        frames: ``(T, H, W, 3)`` uint8 RGB HR frames; H and W divisible by ``scale``.
+        params: The clip's parameters (shared by all frames).
+        scale: Super-resolution factor; the LQ is ``(H / scale, W / scale)``.
+        rng: Generator for the per-frame noise.
+
+    Returns:
+        ``(T, H / scale, W / scale, 3)`` uint8 LQ frames.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"degrade_clip expects (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    if h % scale or w % scale:
+        raise ValueError(f"HR size {h}x{w} is not divisible by scale {scale}; crop the frames first")
+    lq_hw = (h // scale, w // scale)
+    s1, s2, final, codec = params["stage1"], params["stage2"], params["final"], params.get("codec")
+
+    clip = _apply_stage(_to_float(frames), s1, _scaled((h, w), s1["resize"]["scale"]), rng)
+    clip = [jpeg(img, s1["jpeg_quality"]) for img in clip]
+    if codec is not None and codec.get("position") == "stage1":
+        clip = _to_float(compress_clip(_to_uint8(clip), codec))
+    clip = _apply_stage(clip, s2, _scaled(lq_hw, s2["resize"]["scale"]), rng)
+    if final["order"] == "resize_sinc_then_jpeg":
+        clip = [jpeg(img, s2["jpeg_quality"]) for img in _resize_sinc(clip, final, lq_hw)]
+    else:
+        clip = _resize_sinc([jpeg(img, s2["jpeg_quality"]) for img in clip], final, lq_hw)
+    out = _to_uint8(clip)
+    if codec is not None and codec.get("position", "final") == "final":
+        out = compress_clip(out, codec)
+    return out

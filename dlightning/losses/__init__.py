@@ -1,0 +1,19 @@
+"""Training losses: pixel MSE, LPIPS, CSD distillation, temporal consistency (METHOD.md 5)."""
+
+from dlightning.losses.csd import CSDLoss, Teacher, sample_clip_noise
+from dlightning.losses.perceptual import LPIPSLoss, backbone_state_dict, build_lpips
+from dlightning.losses.pixel import mse_loss
+from dlightning.losses.temporal import TemporalWarpLoss, farneback_flow_metric, occlusion_mask
+
+__all__ = [
+    "CSDLoss",
+    "LPIPSLoss",
+    "Teacher",
+    "TemporalWarpLoss",
+    "backbone_state_dict",
+    "build_lpips",
+    "farneback_flow_metric",
+    "mse_loss",
+    "occlusion_mask",
+    "sample_clip_noise",
+]

@@ -1,0 +1,110 @@
+"""Config sections of training: phase schedule, optimisation and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlightning.errors import ConfigError
+from dlightning.models.config import check_choice
+
+LOSS_KEYS = ("l2", "lpips", "csd", "temporal")
+
+
+@dataclass
+class SegmentConfig:
+    """One stretch of the phase schedule.
+
+    The segment covers optimizer steps (previous end, end] (the first one [0, end]); ``end`` null means
+    forever. Its loss weights ramp linearly from the previous segment's weights over ``ramp`` steps:
+    at step s = start + k (1 <= k <= ramp) the progress is k / ramp.
+    """
+
+    phase: str = "consistency"
+    end: int | None = None
+    ramp: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("schedule.segments[]", "phase", self.phase, ("consistency", "detail"))
+        unknown = set(self.weights) - set(LOSS_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"schedule.segments[].weights has unknown keys {sorted(unknown)}; valid: {list(LOSS_KEYS)}"
+            )
+
+
+@dataclass
+class ScheduleConfig:
+    """Phase schedule as a pure function of the optimizer step (see dlightning.training.schedule).
+
+    The default (``preset: custom`` with the default ``segments``) is a short two-phase run for demos
+    and small experiments: consistency for steps [0, 999] (1000 steps), then detail forever with a
+    100-step linear ramp of the weights (CSD ramps in from 0). Use ``preset: reference`` for the
+    METHOD.md 4.3 schedule (5000 C / 8000 D / 5000 C / D, 1000-step ramps).
+    """
+
+    preset: str = "custom"
+    """reference: METHOD.md 4.3 exactly (``segments`` ignored); custom: use ``segments``."""
+    segments: list[SegmentConfig] = field(default_factory=lambda: [
+        SegmentConfig(phase="consistency", end=999,
+                      weights={"l2": 1.0, "lpips": 2.0, "csd": 0.0, "temporal": 1.0}),
+        SegmentConfig(phase="detail", end=None, ramp=100,
+                      weights={"l2": 1.0, "lpips": 2.0, "csd": 1.0, "temporal": 1.0}),
+    ])
+    """Segments in order; ends strictly increasing, only the last may be null (open-ended)."""
+
+    def __post_init__(self) -> None:
+        check_choice("schedule", "preset", self.preset, ("reference", "custom"))
+
+
+@dataclass
+class OptimConfig:
+    """One AdamW with named parameter groups (c_lora, cfr, d_lora, conv_in); a phase steps its groups."""
+
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    accumulate: int = 1
+    """Micro-batches per optimizer step."""
+    clip_norm: dict[str, float] = field(default_factory=lambda: {"c_lora": 1.0, "cfr": 1.0, "d_lora": 1.0,
+                                                                 "conv_in": 1.0})
+    """Max gradient norm per group (0 = no clipping). Parity: only d_lora at 1.0."""
+    reset_moments_on_phase_entry: bool = False
+    """Clear the Adam moments of the groups that become active when a phase starts (reference: keep)."""
+
+    def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise ConfigError("optim.accumulate must be >= 1")
+        unknown = set(self.clip_norm) - {"c_lora", "cfr", "d_lora", "conv_in"}
+        if unknown:
+            raise ConfigError(f"optim.clip_norm has unknown groups {sorted(unknown)}")
+
+
+@dataclass
+class TrainerConfig:
+    """Run-level settings passed to Lightning's Trainer and the run folder."""
+
+    run_dir: str = "runs/default"
+    max_steps: int = 1000
+    """Optimizer steps to train (the module's own counter)."""
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """auto | ddp | deepspeed_stage_2 (see dlightning.training.strategy)."""
+    precision: str = "32-true"
+    """32-true | bf16-mixed | 16-mixed (trainable weights stay fp32)."""
+    seed: int = 1234
+    checkpoint_every: int = 500
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many consecutive non-finite losses."""
+    log_every: int = 10
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("trainer", "precision", self.precision, ("32-true", "bf16-mixed", "16-mixed", "32"))
+        if self.max_steps < 1:
+            raise ConfigError("trainer.max_steps must be >= 1")

@@ -1,0 +1,91 @@
+"""Build the Trainer, the module and the data from a RootConfig, and run (or resume) training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from dlightning.config import RootConfig, to_container, to_yaml
+from dlightning.data.datamodule import VSRDataModule
+from dlightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint, resolve_resume_checkpoint
+from dlightning.training.module import DLoRALModule
+from dlightning.training.preemption import PreemptionCallback
+from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
+from dlightning.tracking import build_logger
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def build_module(cfg: RootConfig) -> DLoRALModule:
+    """The LightningModule, given only the sections it consumes."""
+    return DLoRALModule(model=cfg.model, loss=cfg.loss, schedule=cfg.schedule, optim=cfg.optim,
+                        trainer=cfg.trainer, config_container=to_container(cfg))
+
+
+def build_datamodule(cfg: RootConfig) -> VSRDataModule:
+    """The data module; its phase of micro-batch m follows the same schedule as the module."""
+    return VSRDataModule(cfg.data, schedule=cfg.schedule, accumulate=cfg.optim.accumulate)
+
+
+def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None, run_id: str | None = None,
+                  ) -> L.Trainer:
+    """Lightning Trainer with our strategy, checkpoint I/O, preemption handling and logger."""
+    tcfg = cfg.trainer
+    run_dir = Path(tcfg.run_dir)
+    plugins: list[Any] = [AtomicCheckpointIO(), *build_cluster_plugins()]
+    all_callbacks: list[L.Callback] = [
+        StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
+        PreemptionCallback(run_dir / "checkpoints"),
+        *(callbacks or []),
+    ]
+    return L.Trainer(
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=build_strategy(tcfg),
+        precision=tcfg.precision,
+        max_steps=-1,
+        max_epochs=-1,
+        logger=build_logger(cfg.logging, run_dir, run_id=run_id),
+        callbacks=all_callbacks,
+        plugins=plugins,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        deterministic=tcfg.deterministic,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+    )
+
+
+def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | None = None) -> DLoRALModule:
+    """Train from scratch, or resume from the newest valid checkpoint in ``trainer.run_dir``.
+
+    Args:
+        cfg: the resolved configuration.
+        fresh: ignore checkpoints already in the run folder.
+        callbacks: extra Lightning callbacks (tests use them to observe training).
+
+    Returns:
+        The trained module.
+    """
+    tcfg = cfg.trainer
+    check_launch_environment(tcfg.devices, tcfg.num_nodes)
+    run_dir = Path(tcfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt = None if fresh else resolve_resume_checkpoint(run_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    L.seed_everything(tcfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg)
+    trainer = build_trainer(cfg, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return module

@@ -1,0 +1,181 @@
+"""The one place where the distributed strategy, the cluster plugins and launch sanity checks are built.
+
+``trainer.strategy`` is a config string:
+
+* ``auto``: one process -> Lightning's single-device strategy; more -> ``ddp`` below.
+* ``ddp``: :class:`DDPStrategy` with ``find_unused_parameters=False``. This is correct because the
+  trainable set is fixed when DDP wraps the model and every trainable tensor is in the graph in every
+  phase (DESIGN.md decision 2); a phase only decides which parameter groups step. ``static_graph``
+  can be switched on for a little speed.
+* ``ddp_spawn``: the same, with processes started by Lightning (CPU tests only).
+* ``deepspeed_stage_2``: :class:`DeepSpeedStrategy` (ZeRO-2), CUDA only. Limits, from Lightning's
+  DeepSpeed integration: exactly one optimizer (use parameter groups; inactive groups are masked by
+  zeroing their gradients, never by toggling ``requires_grad``, which DeepSpeed fixes at init), no
+  gradient clipping by value, and checkpoints are directories (resolve them explicitly, see
+  :func:`dlightning.training.checkpointing.resolve_resume_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+
+from dlightning.errors import ConfigError
+from dlightning.training.checkpointing import AtomicCheckpointIO
+from dlightning.training.config import TrainerConfig
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2")
+
+
+def build_strategy(
+    cfg: TrainerConfig, *, static_graph: bool = False, timeout_s: float | None = None
+) -> Strategy | str:
+    """Build the Lightning strategy named by ``cfg.strategy``.
+
+    Args:
+        cfg: the trainer section (``strategy``, ``accelerator``, ``devices``, ``num_nodes``).
+        static_graph: pass ``static_graph=True`` to DDP (the graph is the same every step).
+        timeout_s: collective timeout for the process group (Lightning's default when None).
+
+    Returns:
+        A strategy object, or the string ``"auto"`` for a single process.
+
+    Raises:
+        ConfigError: unknown strategy name, DeepSpeed without CUDA or not installed.
+    """
+    name = cfg.strategy
+    if name not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={name!r} is not supported; use one of {STRATEGIES}")
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+    ddp_kwargs: dict[str, Any] = {"find_unused_parameters": False, "static_graph": static_graph}
+    if timeout is not None:
+        ddp_kwargs["timeout"] = timeout
+    if name == "auto":
+        if cfg.devices * cfg.num_nodes == 1:
+            return "auto"
+        return DDPStrategy(**ddp_kwargs)
+    if name == "ddp":
+        return DDPStrategy(**ddp_kwargs)
+    if name == "ddp_spawn":
+        return DDPStrategy(start_method="spawn", **ddp_kwargs)
+    return _build_deepspeed(cfg, timeout=timeout)
+
+
+def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None) -> Strategy:
+    if cfg.accelerator not in ("cuda", "gpu", "auto") or (
+        cfg.accelerator == "auto" and not torch.cuda.is_available()
+    ):
+        raise ConfigError(
+            f"trainer.strategy=deepspeed_stage_2 needs CUDA GPUs (Lightning's DeepSpeed "
+            "strategy raises on CPU), "
+            f"but trainer.accelerator={cfg.accelerator!r} and CUDA available={torch.cuda.is_available()}; "
+            "use trainer.strategy=ddp on this machine"
+        )
+    try:
+        import deepspeed  # noqa: F401  (only to give a clear error; Lightning imports it itself)
+    except ImportError as err:
+        raise ConfigError(
+            "trainer.strategy=deepspeed_stage_2 needs the deepspeed package: "
+            "pip install 'dlightning[deepspeed]' "
+            "(or use trainer.strategy=ddp)"
+        ) from err
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    kwargs: dict[str, Any] = {"stage": 2, "exclude_frozen_parameters": True}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    return DeepSpeedStrategy(**kwargs)
+
+
+def build_cluster_plugins(
+    *, use_torchrun: bool = False, atomic_checkpoints: bool = True, env: Mapping[str, str] | None = None
+) -> list[Any]:
+    """Plugins for ``Trainer(plugins=...)``: the cluster environment and the checkpoint IO.
+
+    Under SLURM (``srun`` launched, job name not ``bash``/``interactive``) this returns
+    ``SLURMEnvironment(auto_requeue=False)``: Lightning's own requeue handler writes the checkpoint
+    inside the signal handler, so :class:`dlightning.training.preemption.PreemptionCallback` does it
+    instead. With ``use_torchrun`` (or under torchrun) it returns ``TorchElasticEnvironment``, which
+    wins over SLURM's variables when one ``srun`` task per node starts ``torchrun``.
+
+    Args:
+        use_torchrun: processes were started by torchrun (``launch/torchrun_multinode.sh``).
+        atomic_checkpoints: add :class:`AtomicCheckpointIO`.
+        env: environment to inspect (``os.environ`` when None).
+    """
+    env = os.environ if env is None else env
+    plugins: list[Any] = []
+    if use_torchrun or "TORCHELASTIC_RUN_ID" in env:
+        plugins.append(TorchElasticEnvironment())
+    elif _is_slurm_launch(env):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if atomic_checkpoints:
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def _is_slurm_launch(env: Mapping[str, str]) -> bool:
+    return "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def _parse_tasks_per_node(value: str) -> list[int]:
+    """Expand SLURM's compact per-node counts, e.g. ``"8(x2),4"`` -> ``[8, 8, 4]``."""
+    counts: list[int] = []
+    for part in value.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise ConfigError(f"cannot parse SLURM tasks-per-node value {value!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def check_launch_environment(devices: int, num_nodes: int, *, env: Mapping[str, str] | None = None) -> None:
+    """Fail fast when the SLURM allocation and ``trainer.devices``/``trainer.num_nodes`` disagree.
+
+    A mismatch makes the ranks wait for processes that never start (a hang, not an error; Lightning
+    #19883). Checked: ``SLURM_NTASKS_PER_NODE`` (or ``SLURM_TASKS_PER_NODE``) == devices,
+    ``SLURM_NNODES``/``SLURM_JOB_NUM_NODES`` == num_nodes, ``SLURM_NTASKS`` == devices * num_nodes.
+    Does nothing outside an ``srun`` launch.
+
+    Raises:
+        ConfigError: naming every mismatch and the fix.
+    """
+    env = os.environ if env is None else env
+    if not _is_slurm_launch(env):
+        return
+    problems: list[str] = []
+    per_node_raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node_raw:
+        per_node = set(_parse_tasks_per_node(per_node_raw))
+        if per_node != {devices}:
+            problems.append(
+                f"SLURM starts {per_node_raw} tasks per node but trainer.devices={devices}: "
+                f"set #SBATCH --ntasks-per-node={devices} (one task per GPU) or trainer.devices"
+            )
+    nodes_raw = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if nodes_raw and int(nodes_raw) != num_nodes:
+        problems.append(
+            f"SLURM allocated {nodes_raw} nodes but trainer.num_nodes={num_nodes}: "
+            f"set #SBATCH --nodes={num_nodes} or trainer.num_nodes={nodes_raw}"
+        )
+    ntasks = int(env["SLURM_NTASKS"])
+    if ntasks != devices * num_nodes:
+        problems.append(
+            f"SLURM_NTASKS={ntasks} but trainer.devices x trainer.num_nodes = {devices * num_nodes}: "
+            "launch with srun and --ntasks-per-node equal to the GPUs per node"
+        )
+    if problems:
+        raise ConfigError(
+            "The SLURM allocation does not match the trainer (this would hang at start-up):\n  - "
+            + "\n  - ".join(problems)
+        )

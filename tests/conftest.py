@@ -1,0 +1,73 @@
+"""Shared tiny fixtures: toy-size SD 2.1 look-alike models with random weights (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DLIGHTNING_LOG_LEVEL", "WARNING")
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    """A ``ModelConfig`` for the tiny preset (x4, parity settings)."""
+    from dlightning.models.config import ModelConfig
+
+    return ModelConfig(preset="tiny", scale=4, seed=0)
+
+
+@pytest.fixture
+def make_generator():
+    """Factory for tiny generators: ``make_generator(**ModelConfig overrides)``."""
+    from dlightning.models.config import ModelConfig
+    from dlightning.models.generator import DLoRALGenerator
+
+    def _make(**overrides) -> DLoRALGenerator:
+        kwargs = {"preset": "tiny", "scale": 4, "seed": 0}
+        kwargs.update(overrides)
+        return DLoRALGenerator(ModelConfig(**kwargs))
+
+    return _make
+
+
+@pytest.fixture
+def tiny_generator(make_generator):
+    """A fresh tiny generator (seed 0) in eval mode."""
+    return make_generator().eval()
+
+
+@pytest.fixture
+def tiny_lq():
+    """An LR clip ``(B=2, T=3, 3, 8, 8)`` in [-1, 1] -> HR 32x32, latent 4x4."""
+    g = torch.Generator().manual_seed(123)
+    return torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_dir(tmp_path_factory):
+    """A tiny model saved in the diffusers layout of stable-diffusion-2-1-base (seed 0)."""
+    from dlightning.models.tiny import save_tiny_pretrained
+
+    return save_tiny_pretrained(tmp_path_factory.mktemp("sd21_tiny"), seed=0)
+
+
+@pytest.fixture
+def randomize_trainables():
+    """``randomize(generator, seed)``: add noise to every trainable tensor (LoRA B no longer zero)."""
+
+    def _randomize(generator, seed: int = 7, std: float = 0.05) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for params in generator.parameter_groups().values():
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+    return _randomize

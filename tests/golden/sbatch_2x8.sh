@@ -1,0 +1,36 @@
+#!/bin/bash
+# Rendered by dlightning.launch.render_sbatch from launch/train.sbatch.tmpl for run /scratch/runs/sd21-2x8.
+# Change the launch section of the config and resubmit rather than editing this copy.
+#SBATCH --job-name=dlightning
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=480G
+#SBATCH --partition=gpu
+#SBATCH --account=proj123
+#SBATCH --time=24:00:00
+#SBATCH --constraint=h100
+#SBATCH --qos=normal
+#SBATCH --signal=SIGUSR1@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/runs/sd21-2x8/slurm-%j.out
+#SBATCH --error=/scratch/runs/sd21-2x8/slurm-%j.out
+#SBATCH --exclusive
+#SBATCH --mail-type=FAIL
+
+# Exit on errors (cluster module scripts often read unset variables, so -u comes after the setup).
+set -eo pipefail
+
+echo "[dlightning] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?} at $(date -Is)"
+
+# ---- environment (launch.env_setup) ----
+module load cuda/12.4
+source .venv/bin/activate
+set -u
+export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+
+# ---- training: resumes from the newest valid checkpoint in the run folder after a requeue ----
+srun --kill-on-bad-exit=1 python -m dlightning.cli fit --config /scratch/runs/sd21-2x8/config.yaml trainer.num_nodes=2 trainer.devices=8

@@ -1,0 +1,158 @@
+"""Clip degradation: determinism, per-clip parameters, per-frame noise, codec, odd sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dlightning.data import degradation as deg
+from dlightning.data.codec import compress_clip
+from dlightning.errors import ConfigError
+
+NO_NOISE = {"gaussian_prob": 1.0, "noise_sigma_range": [0.0, 0.0]}
+
+
+def _clip(t: int = 3, h: int = 64, w: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+    img = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))  # blocky: survives blur and resize
+    return np.stack([np.roll(img, i, axis=1) for i in range(t)])
+
+
+def _run(frames: np.ndarray, preset: deg.DegradationPreset, seed: int, scale: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    params = deg.sample_params(preset, rng)
+    return deg.degrade_clip(frames, params, scale, rng)
+
+
+@pytest.mark.parametrize("name", sorted(deg.PRESETS))
+def test_same_seed_same_clip_and_shape(name: str) -> None:
+    frames = _clip()
+    preset = deg.get_preset(name)
+    a, b = _run(frames, preset, 7), _run(frames, preset, 7)
+    assert a.shape == (3, 16, 12, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_different_seeds_differ() -> None:
+    frames = _clip()
+    preset = deg.get_preset("realesrgan")
+    assert not np.array_equal(_run(frames, preset, 1), _run(frames, preset, 2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_parameters_are_shared_across_frames(seed: int) -> None:
+    frames = np.stack([_clip(1)[0]] * 4)  # four identical HR frames
+    quiet = deg.get_preset("realesrgan", {"stage1": NO_NOISE, "stage2": NO_NOISE})
+    out = _run(frames, quiet, seed)
+    for t in range(1, 4):
+        np.testing.assert_array_equal(out[t], out[0])
+    noisy = deg.get_preset(
+        "realesrgan", {"stage1": {"noise_sigma_range": [20.0, 30.0], "gaussian_prob": 1.0}}
+    )
+    out = _run(frames, noisy, seed)
+    assert not np.array_equal(out[1], out[0])
+
+
+def test_params_are_json_and_rebuild_identically() -> None:
+    frames = _clip()
+    rng = np.random.default_rng(5)
+    params = deg.sample_params(deg.get_preset("video"), rng)
+    restored = json.loads(json.dumps(params))
+    a = deg.degrade_clip(frames, params, 4, np.random.default_rng(9))
+    b = deg.degrade_clip(frames, restored, 4, np.random.default_rng(9))
+    np.testing.assert_array_equal(a, b)
+    assert params["codec"] is not None and params["codec"]["codec"] in ("libx264", "mpeg4", "libx265")
+
+
+def test_sampled_values_stay_in_preset_ranges() -> None:
+    preset = deg.get_preset("dloral_mild")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = deg.sample_params(preset, rng)
+        s1, s2 = p["stage1"], p["stage2"]
+        assert 60 <= s1["jpeg_quality"] <= 95 and 60 <= s2["jpeg_quality"] <= 100
+        if s1["noise"]["type"] == "gaussian":
+            assert 1 <= s1["noise"]["sigma"] <= 15
+        else:
+            assert 0.05 <= s1["noise"]["scale"] <= 2
+        if s2["resize"]["kind"] == "down":
+            assert 0.6 <= s2["resize"]["scale"] <= 1.0
+        assert p["codec"] is None
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4", "libx265"])
+def test_codec_odd_size_returns_every_frame(codec: str) -> None:
+    frames = _clip(t=5, h=48, w=72)[:, :45, :67]
+    out = compress_clip(
+        np.ascontiguousarray(frames), {"codec": codec, "rate_control": "bitrate", "bitrate": 50_000}
+    )
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    # Lossy but recognisably the same content.
+    assert np.abs(out.astype(float) - frames.astype(float)).mean() < 40
+
+
+def test_codec_crf_mode() -> None:
+    frames = _clip(t=3)
+    out = compress_clip(frames, {"codec": "libx264", "rate_control": "crf", "crf": 30})
+    assert out.shape == frames.shape
+
+
+def test_degrade_odd_size_scale1_with_codec() -> None:
+    frames = np.ascontiguousarray(_clip(t=4, h=48, w=72)[:, :45, :67])
+    preset = deg.get_preset("video")
+    for seed in range(3):
+        out = _run(frames, preset, seed, scale=1)
+        assert out.shape == (4, 45, 67, 3)
+
+
+def test_codec_at_stage1_position() -> None:
+    preset = deg.get_preset("video", {"codec": {"position": "stage1"}})
+    assert _run(_clip(), preset, 0).shape == (3, 16, 12, 3)
+
+
+def test_hr_size_not_divisible_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        _run(np.zeros((3, 66, 48, 3), dtype=np.uint8), deg.get_preset("realesrgan"), 0)
+
+
+def test_gaussian_noise_statistics() -> None:
+    img = np.full((200, 200, 3), 0.5, dtype=np.float32)
+    out = deg.add_noise(img, {"type": "gaussian", "sigma": 10.0, "gray": False}, np.random.default_rng(0))
+    assert (out - img).std() == pytest.approx(10 / 255, rel=0.03)
+    gray = deg.add_noise(img, {"type": "gaussian", "sigma": 10.0, "gray": True}, np.random.default_rng(0))
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_poisson_noise_statistics() -> None:
+    # A flat image has one 8-bit level -> 1 photon level: noise = Poisson(0.5) - 0.5, variance 0.5.
+    img = np.full((200, 200, 3), 0.5, dtype=np.float32)
+    noise = deg._poisson_noise(np.round(img * 255) / 255, np.random.default_rng(0))
+    assert noise.mean() == pytest.approx(0.0, abs=0.01)
+    assert noise.var() == pytest.approx(128 / 255, rel=0.05)
+
+
+def test_jpeg_keeps_colour_channels() -> None:
+    img = np.zeros((32, 32, 3), dtype=np.float32)
+    img[..., 0] = 0.9  # pure red in RGB
+    out = deg.jpeg(img, 90)
+    assert out[..., 0].mean() > 0.8 and out[..., 2].mean() < 0.1
+
+
+def test_usm_leaves_flat_image_and_sharpens_edges() -> None:
+    flat = np.full((1, 64, 64, 3), 100, dtype=np.uint8)
+    np.testing.assert_array_equal(deg.usm_sharpen(flat), flat)
+    edge = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    edge[:, :, 32:] = 200
+    sharp = deg.usm_sharpen(edge)
+    assert sharp[0, 32, 33, 0] > 200  # overshoot on the bright side of the edge
+    assert sharp[0, 32, 2, 0] == 0 and sharp[0, 32, 60, 0] == 200  # far from the edge: unchanged
+
+
+def test_unknown_preset_and_override_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        deg.get_preset("nope")
+    with pytest.raises(ConfigError):
+        deg.get_preset("realesrgan", {"stage1": {"not_a_field": 1}})

@@ -1,0 +1,139 @@
+"""Strategy construction, cluster plugins under a simulated SLURM job, and the launch sanity check."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy
+
+from dlightning.errors import ConfigError
+from dlightning.training.checkpointing import AtomicCheckpointIO
+from dlightning.training.config import TrainerConfig
+from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
+
+# Task 9 of a 2-node x 8-GPU job: second node, second local GPU.
+SLURM_2X8 = {
+    "SLURM_JOB_ID": "777",
+    "SLURM_JOB_NAME": "dlightning",
+    "SLURM_NTASKS": "16",
+    "SLURM_NTASKS_PER_NODE": "8",
+    "SLURM_TASKS_PER_NODE": "8(x2)",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_PROCID": "9",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_NODELIST": "gpu[017-018]",
+}
+
+
+@pytest.fixture
+def slurm_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(key, "")  # records the original so Lightning's writes are undone afterwards
+        monkeypatch.delenv(key)
+    for key, value in SLURM_2X8.items():
+        monkeypatch.setenv(key, value)
+    return dict(SLURM_2X8)
+
+
+def _cfg(**kw: object) -> TrainerConfig:
+    return TrainerConfig(**{"accelerator": "cpu", "devices": 1, "num_nodes": 1, **kw})
+
+
+def test_ddp_without_unused_parameter_search() -> None:
+    strategy = build_strategy(_cfg(strategy="ddp", devices=2), static_graph=True, timeout_s=600)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {"find_unused_parameters": False, "static_graph": True}
+    assert strategy._timeout.total_seconds() == 600
+
+
+def test_auto_is_single_process_or_ddp() -> None:
+    assert build_strategy(_cfg(strategy="auto")) == "auto"
+    multi = build_strategy(_cfg(strategy="auto", devices=4))
+    assert isinstance(multi, DDPStrategy) and multi._ddp_kwargs["find_unused_parameters"] is False
+    assert build_strategy(_cfg(strategy="ddp_spawn", devices=2))._start_method == "spawn"
+
+
+def test_unknown_strategy_names_choices() -> None:
+    with pytest.raises(ConfigError, match="deepspeed_stage_2"):
+        build_strategy(_cfg(strategy="fsdp"))
+
+
+def test_slurm_trainer_sees_ranks(slurm_env: dict[str, str]) -> None:
+    plugins = build_cluster_plugins()
+    env = next(p for p in plugins if isinstance(p, SLURMEnvironment))
+    assert env.auto_requeue is False  # our PreemptionCallback handles the signal, not Lightning
+    assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
+    check_launch_environment(8, 2)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=8,
+        num_nodes=2,
+        plugins=plugins,
+        logger=False,
+        strategy=build_strategy(_cfg(strategy="ddp", devices=8, num_nodes=2)),
+    )
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (16, 9, 1, 1)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.strategy.cluster_environment.main_address == "gpu017"
+
+
+@pytest.mark.parametrize(
+    "overrides,devices,nodes,fragment",
+    [
+        ({}, 4, 2, "--ntasks-per-node=4"),
+        ({}, 8, 1, "--nodes=1"),
+        ({"SLURM_NTASKS_PER_NODE": "", "SLURM_TASKS_PER_NODE": "8,4"}, 8, 2, "8,4 tasks per node"),
+        ({"SLURM_NTASKS": "8"}, 8, 2, "SLURM_NTASKS=8"),
+    ],
+)
+def test_launch_mismatch_is_a_clear_error(
+    slurm_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: dict[str, str],
+    devices: int,
+    nodes: int,
+    fragment: str,
+) -> None:
+    for key, value in overrides.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="would hang") as info:
+        check_launch_environment(devices, nodes)
+    assert fragment in str(info.value)
+
+
+def test_no_check_outside_slurm_or_interactive(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_launch_environment(8, 2, env={})
+    check_launch_environment(8, 2, env={**SLURM_2X8, "SLURM_JOB_NAME": "interactive", "SLURM_NTASKS": "1"})
+    assert not any(isinstance(p, SLURMEnvironment) for p in build_cluster_plugins(env={}))
+
+
+def test_torchrun_environment_wins_over_slurm(slurm_env: dict[str, str]) -> None:
+    plugins = build_cluster_plugins(use_torchrun=True, atomic_checkpoints=False)
+    assert len(plugins) == 1 and isinstance(plugins[0], TorchElasticEnvironment)
+
+
+def test_deepspeed_refuses_cpu() -> None:
+    with pytest.raises(ConfigError, match="CUDA"):
+        build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cpu"))
+
+
+def test_deepspeed_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` raise ImportError
+    with pytest.raises(ConfigError, match="pip install"):
+        build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cuda"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_wiring() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cuda", devices=2))
+    assert isinstance(strategy, DeepSpeedStrategy)
+    assert strategy.config["zero_optimization"]["stage"] == 2
+    assert strategy.exclude_frozen_parameters is True
