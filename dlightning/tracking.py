@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from dlightning.training.checkpointing import stable_run_id
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-RUN_ID_FILE = "wandb_run_id"
-
-
-def stable_run_id(run_dir: str | Path) -> str:
-    """The run's tracking id, created once and read back on every resume or requeue."""
-    path = Path(run_dir) / RUN_ID_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    run_id = os.environ.get("DLIGHTNING_RUN_ID") or uuid.uuid4().hex[:12]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
-    return run_id
-
 
 def resolve_wandb_mode(mode: str) -> str:
     """``auto`` is online when an API key is configured and offline otherwise."""

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-os.environ.setdefault("DLIGHTNING_LOG_LEVEL", "WARNING")
 
 
 @pytest.fixture(autouse=True)

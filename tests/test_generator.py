@@ -184,3 +184,11 @@ def test_bad_inputs_are_rejected(tiny_generator, tiny_lq):
         tiny_generator(tiny_lq[..., :7, :7], emb)
     with pytest.raises(ValueError, match="prompt_embeds"):
         tiny_generator(tiny_lq, emb[:1])
+
+
+def test_teacher_context_takes_4_channel_latents(tiny_generator):
+    with torch.no_grad(), tiny_generator.teacher():
+        out = tiny_generator.unet(torch.randn(2, 4, 4, 4), 250,
+                                  encoder_hidden_states=tiny_generator.encode_prompts(["", "a"])).sample
+    assert out.shape == (2, 4, 4, 4)
+    assert tiny_generator.unet.conv_in.base_layer.in_channels == 8  # restored

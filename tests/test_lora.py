@@ -145,3 +145,13 @@ def test_teacher_mode_is_the_pristine_unet_and_restores_everything():
     assert not torch.allclose(adapted_before, expected, atol=1e-3)
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
     assert sorted(unet.active_adapters()) == sorted(ALL_SIX)
+
+
+def test_teacher_mode_refuses_grad_with_checkpointing():
+    unet = _unet()
+    add_lora_families(unet, LoraConfig())
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(RuntimeError, match="no_grad"), teacher_mode(unet):
+        pass
+    with torch.no_grad(), teacher_mode(unet):
+        pass

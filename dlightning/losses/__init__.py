@@ -3,15 +3,23 @@
 from dlightning.losses.csd import CSDLoss, Teacher, sample_clip_noise
 from dlightning.losses.perceptual import LPIPSLoss, backbone_state_dict, build_lpips
 from dlightning.losses.pixel import mse_loss
-from dlightning.losses.temporal import TemporalWarpLoss, farneback_flow_metric, occlusion_mask
+from dlightning.losses.temporal import (
+    FarnebackFlow,
+    TemporalWarpLoss,
+    build_temporal_loss,
+    farneback_flow_metric,
+    occlusion_mask,
+)
 
 __all__ = [
     "CSDLoss",
+    "FarnebackFlow",
     "LPIPSLoss",
     "Teacher",
     "TemporalWarpLoss",
     "backbone_state_dict",
     "build_lpips",
+    "build_temporal_loss",
     "farneback_flow_metric",
     "mse_loss",
     "occlusion_mask",

@@ -41,12 +41,16 @@ class TemporalConfig:
     mode: str = "warp"
     """warp: differentiable flow-warping loss with occlusion mask; none: off. The reference's
     zero-gradient Farneback term is always only a logged metric."""
+    flow_net: str = "spynet"
+    """Flow of the ground-truth pair: spynet (frozen, weights from flow_path) or farneback (OpenCV, no
+    weights needed; CPU)."""
     flow_path: str | None = None
-    """Local SPyNet weights for the frozen flow net; None = random init (tests / demo only)."""
+    """Local SPyNet weights for the frozen flow net; None = random init (tests only)."""
     log_farneback: bool = True
 
     def __post_init__(self) -> None:
         check_choice("loss.temporal", "mode", self.mode, ("warp", "none"))
+        check_choice("loss.temporal", "flow_net", self.flow_net, ("spynet", "farneback"))
 
 
 @dataclass

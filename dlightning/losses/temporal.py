@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlightning.models.spynet import SpyNet, flow_warp
+from dlightning.losses.config import TemporalConfig
+from dlightning.models.spynet import SpyNet, flow_warp, load_spynet
 
 _OCC_RELATIVE = 0.01
 _OCC_ABSOLUTE = 0.5
@@ -68,7 +69,7 @@ class TemporalWarpLoss(nn.Module):
         flow_net: SPyNet (inputs in [0, 1]); it is frozen and kept in eval mode.
     """
 
-    def __init__(self, flow_net: SpyNet) -> None:
+    def __init__(self, flow_net: SpyNet | nn.Module) -> None:
         super().__init__()
         self.flow_net = flow_net.requires_grad_(False).eval()
 
@@ -117,6 +118,34 @@ class TemporalWarpLoss(nn.Module):
         with torch.no_grad():
             gt_residual = gt_cur.float() - flow_warp(gt_prev.float(), flow)
         return F.l1_loss(mask * pred_residual, mask * gt_residual, reduction="mean")
+
+
+class FarnebackFlow(nn.Module):
+    """Weight-free flow net with SpyNet's interface: OpenCV Farneback on the CPU, no gradient.
+
+    ``forward(ref, supp)`` returns the ``(N, 2, H, W)`` pixel flow from ``ref`` to ``supp`` (inputs in
+    [0, 1]), so that ``flow_warp(supp, flow)`` approximates ``ref``. The loss only needs flow on the
+    ground truth, which needs no gradient, so a classical method is a valid choice where no pretrained
+    SPyNet file is at hand (the demo) — at the cost of a device-to-host copy per step.
+    """
+
+    @torch.no_grad()
+    def forward(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
+        flows = []
+        for r, s in zip(ref, supp, strict=True):
+            f = cv2.calcOpticalFlowFarneback(_to_gray_uint8(r * 2 - 1), _to_gray_uint8(s * 2 - 1), None,
+                                             **_FARNEBACK)
+            flows.append(torch.from_numpy(f).permute(2, 0, 1))
+        return torch.stack(flows).to(ref.device, torch.float32)
+
+
+def build_temporal_loss(cfg: TemporalConfig) -> TemporalWarpLoss | None:
+    """The trained temporal loss of ``loss.temporal`` (None when ``mode`` is none)."""
+    if cfg.mode == "none":
+        return None
+    if cfg.flow_net == "farneback":
+        return TemporalWarpLoss(FarnebackFlow())
+    return TemporalWarpLoss(load_spynet(cfg.flow_path, key="loss.temporal.flow_path"))
 
 
 def _to_gray_uint8(frame: torch.Tensor) -> np.ndarray:

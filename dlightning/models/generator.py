@@ -17,7 +17,7 @@ from torch import nn
 
 from dlightning.models.components import Components, load_components
 from dlightning.models.config import ModelConfig
-from dlightning.models.lora import add_lora_families, family_parameters
+from dlightning.models.lora import add_lora_families, family_parameters, teacher_mode
 from dlightning.models.prompts import PromptEncoder
 from dlightning.models.unet import configure_unet, expand_conv_in
 from dlightning.utils.logging import get_logger
@@ -52,11 +52,11 @@ class DLoRALGenerator(nn.Module):
         super().__init__()
         from dlightning.models.cfr import CrossFrameRetrieval
 
-        self.cfg = cfg
-        comp = components if components is not None else load_components(cfg)
         if cfg.preset == "sd21_meta":
             raise ValueError("model.preset=sd21_meta has no weights and cannot build a generator; "
                              "use dlightning.models.inspect for it")
+        self.cfg = cfg
+        comp = components if components is not None else load_components(cfg)
         self.vae = comp.vae.requires_grad_(False).eval()
         self.prompt_encoder = PromptEncoder(comp.tokenizer, comp.text_encoder, cfg.prompt_cache_size)
         self.unet = comp.unet
@@ -142,6 +142,11 @@ class DLoRALGenerator(nn.Module):
                     buf.data = buf.data.to(dtype)
         return self
 
+    def teacher(self):
+        """Context manager: ``self.unet`` as the pristine 4-channel SD UNet (CSD teacher), see
+        :func:`~dlightning.models.lora.teacher_mode`."""
+        return teacher_mode(self.unet)
+
     # ---------------------------------------------------------------- pieces of the forward
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``(B, 77, D)`` text embeddings of ``prompts`` (frozen, cached)."""
@@ -173,6 +178,31 @@ class DLoRALGenerator(nn.Module):
             return fused_cur - unet_out
         a = self.alphas_cumprod[self.cfg.timestep].to(fused_cur.dtype)
         return (fused_cur - (1 - a).sqrt() * unet_out) / a.sqrt()
+
+    def denoise(self, up_prev: torch.Tensor, up_cur: torch.Tensor, z_prev: torch.Tensor, z_cur: torch.Tensor,
+                prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CFR and the UNet on prepared windows: the part of the forward between VAE encode and x0 rule.
+
+        Used by :meth:`forward` and by the tiled inference pipeline (one call per latent tile).
+
+        Args:
+            up_prev: Previous LQ frames at HR size ``(N, 3, H, W)`` in [-1, 1] (for the flow).
+            up_cur: Current LQ frames at HR size ``(N, 3, H, W)``.
+            z_prev: Scaled latents of ``up_prev`` ``(N, 4, H/8, W/8)``.
+            z_cur: Scaled latents of ``up_cur``.
+            prompt_embeds: ``(N, 77, D)`` text embeddings, one per window.
+
+        Returns:
+            ``(fused_cur, unet_out)``, both ``(N, 4, H/8, W/8)`` in the latents' dtype; the clean latent
+            is ``to_x0(fused_cur, unet_out)``.
+        """
+        spy_dtype = next(self.cfr.spynet.parameters()).dtype
+        flow = self.cfr.compute_flow(up_prev.to(spy_dtype), up_cur.to(spy_dtype)).float()
+        fused, warped = self.cfr(z_prev, z_cur, flow)
+        timestep = torch.full((z_cur.shape[0],), self.cfg.timestep, device=z_cur.device, dtype=torch.long)
+        unet_out = self.unet(torch.cat([warped, fused], dim=1), timestep,
+                             encoder_hidden_states=prompt_embeds).sample
+        return fused, unet_out.to(fused.dtype)
 
     def _check_inputs(self, lq: torch.Tensor, prompt_embeds: torch.Tensor, targets: list[int]) -> None:
         if lq.ndim != 5 or lq.shape[2] != 3:
@@ -211,15 +241,10 @@ class DLoRALGenerator(nn.Module):
 
         up = self.upsample_lq(lq[:, needed])                       # (B, F, 3, H, W)
         latents = self.encode_latents(up.flatten(0, 1)).unflatten(0, (b, len(needed)))
-        spy_dtype = next(self.cfr.spynet.parameters()).dtype
-        flow = self.cfr.compute_flow(up[:, prev_idx].flatten(0, 1).to(spy_dtype),
-                                     up[:, cur_idx].flatten(0, 1).to(spy_dtype)).float()
-        fused, warped = self.cfr(latents[:, prev_idx].flatten(0, 1), latents[:, cur_idx].flatten(0, 1), flow)
-
-        timestep = torch.full((b * k,), self.cfg.timestep, device=lq.device, dtype=torch.long)
-        unet_out = self.unet(torch.cat([warped, fused], dim=1), timestep,
-                             encoder_hidden_states=prompt_embeds.repeat_interleave(k, dim=0)).sample
-        z = self.to_x0(fused, unet_out.to(fused.dtype))
+        fused, unet_out = self.denoise(up[:, prev_idx].flatten(0, 1), up[:, cur_idx].flatten(0, 1),
+                                       latents[:, prev_idx].flatten(0, 1), latents[:, cur_idx].flatten(0, 1),
+                                       prompt_embeds.repeat_interleave(k, dim=0))
+        z = self.to_x0(fused, unet_out)
         images = self.decode_latents(z)
         return GeneratorOutput(images=images.unflatten(0, (b, k)), latents=z.unflatten(0, (b, k)))
 

@@ -102,6 +102,8 @@ def add_lora_families(unet: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 unet.add_adapter(peft_cfg, adapter_name=name)
             names.append(name)
+    if not names:
+        return targets
     # add_adapter activates only the newest adapter; both families run in every forward.
     unet.set_adapter(names)
     for _, p in family_parameters(unet, "consistency") + family_parameters(unet, "detail"):
@@ -173,20 +175,28 @@ def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
     Inside the context every LoRA adapter is disabled and ``unet.conv_in`` is the original 4-channel
     pretrained conv kept by :func:`~dlightning.models.unet.expand_conv_in`; the UNet takes 4-channel
     latents. peft's disable/enable also toggles ``requires_grad`` of adapter weights; the flags are
-    restored on exit, so the trainable set seen by DDP never changes. Not re-entrant.
+    restored on exit, so the trainable set seen by DDP never changes. Not re-entrant. With gradient
+    checkpointing on, the teacher must run under ``torch.no_grad()`` (recomputation would happen after
+    the context has exited).
     """
     weight = getattr(unet, TEACHER_CONV_IN_WEIGHT, None)
     if weight is None:
         raise RuntimeError("teacher_mode needs a UNet prepared by expand_conv_in (no pristine conv_in kept)")
+    if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
+        # Checkpointed blocks recompute in backward, after this context has restored the adapters.
+        raise RuntimeError("run the teacher under torch.no_grad() when gradient checkpointing is on")
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     adapted_conv_in = unet.conv_in
     base = getattr(adapted_conv_in, "base_layer", adapted_conv_in)
-    unet.disable_adapters()
+    has_adapters = bool(getattr(unet, "_hf_peft_config_loaded", False))
+    if has_adapters:
+        unet.disable_adapters()
     unet.conv_in = _StaticConv(weight, getattr(unet, TEACHER_CONV_IN_BIAS), base)
     try:
         yield unet
     finally:
         unet.conv_in = adapted_conv_in
-        unet.enable_adapters()
+        if has_adapters:
+            unet.enable_adapters()
         for n, p in unet.named_parameters():
             p.requires_grad_(flags[n])

@@ -19,12 +19,17 @@ import lightning as L
 import numpy as np
 import torch
 
-from dlightning.losses import CSDLoss, TemporalWarpLoss, build_lpips, farneback_flow_metric, mse_loss
+from dlightning.losses import (
+    CSDLoss,
+    build_lpips,
+    build_temporal_loss,
+    farneback_flow_metric,
+    mse_loss,
+    sample_clip_noise,
+)
 from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import build_generator
-from dlightning.models.lora import teacher_mode
-from dlightning.models.spynet import load_spynet
 from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig
 from dlightning.training.nonfinite import NonFiniteTracker, all_ranks_finite
 from dlightning.training.optim import (
@@ -57,8 +62,7 @@ class DLoRALModule(L.LightningModule):
         self.generator = build_generator(model)
         self.lpips = build_lpips(loss.lpips)
         self.csd = CSDLoss(loss.csd, self.generator.alphas_cumprod)
-        self.temporal = TemporalWarpLoss(load_spynet(loss.temporal.flow_path, key="loss.temporal.flow_path")) \
-            if loss.temporal.mode == "warp" else None
+        self.temporal = build_temporal_loss(loss.temporal)
         self.optimizer_step = 0
         """Optimizer steps taken or skipped so far; drives the schedule and is saved in checkpoints."""
         self.micro_step = 0
@@ -69,6 +73,8 @@ class DLoRALModule(L.LightningModule):
         self._step_poisoned = False
         self._last_phase: str | None = None
         self._t_last = time.perf_counter()
+        self._generator: torch.Generator | None = None
+        self._pending_rng: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- set-up
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -162,7 +168,7 @@ class DLoRALModule(L.LightningModule):
         lq, hr = batch["lq"], batch["hr"]
         frames = hr.shape[1]
         targets = list(range(1, frames))
-        embeds = self.generator.prompt_encoder.encode(list(batch["caption"]))
+        embeds = self.generator.encode_prompts(list(batch["caption"]))
         out = self.generator(lq, embeds, targets=targets)
         pred, gt = out.images, hr[:, 1:]
         w = spec.weights
@@ -182,19 +188,31 @@ class DLoRALModule(L.LightningModule):
         return result
 
     def _csd(self, latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        neg = self.generator.prompt_encoder.encode([self.loss_cfg.csd.negative_prompt] * embeds.shape[0])
-        unet = self.generator.unet
+        neg = self.generator.encode_prompts([self.loss_cfg.csd.negative_prompt])
+        generator = self.generator
 
         def teacher(z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            with teacher_mode(unet):
+            with generator.teacher() as unet:
                 return unet(z_t.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype)).sample
 
-        noise = torch.randn_like(latents[:, 0]) if self.loss_cfg.csd.shared_noise else None
+        rng = self._rng()
+        noise = sample_clip_noise(latents, shared=self.loss_cfg.csd.shared_noise, generator=rng)
         total = latents.new_zeros((), dtype=torch.float32)
         for k in range(latents.shape[1]):
-            loss, _ = self.csd(latents[:, k], teacher, embeds, neg, noise=noise)
+            loss, _ = self.csd(latents[:, k], teacher, embeds, neg, noise=noise[:, k], generator=rng)
             total = total + loss
         return total
+
+    def _rng(self) -> torch.Generator:
+        """The module's private RNG (CSD timesteps and noise); its state is saved in checkpoints so a
+        resumed run draws exactly what an uninterrupted run would."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.trainer_cfg.seed * 1000 + self.global_rank)
+            if self._pending_rng is not None:
+                self._generator.set_state(self._pending_rng.to("cpu"))
+                self._pending_rng = None
+        return self._generator
 
     def _temporal(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         total = pred.new_zeros((), dtype=torch.float32)
@@ -209,7 +227,7 @@ class DLoRALModule(L.LightningModule):
         now = time.perf_counter()
         steps = max(self.trainer_cfg.log_every, 1)
         clips = batch["hr"].shape[0] * self.optim_cfg.accumulate * steps * self.trainer.world_size
-        metrics = {f"train/{k}": v.float() for k, v in losses.items() if v.numel() == 1}
+        metrics = {f"train/{k}": float(v) for k, v in losses.items() if v.numel() == 1}
         metrics.update({f"train/weight_{k}": float(v) for k, v in spec.weights.items()})
         metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
         metrics["train/optimizer_step"] = float(self.optimizer_step)
@@ -224,7 +242,11 @@ class DLoRALModule(L.LightningModule):
         if torch.cuda.is_available() and self.device.type == "cuda":
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._t_last = now
-        self.log_dict(metrics, rank_zero_only=True, batch_size=batch["hr"].shape[0])
+        if self.trainer.is_global_zero:
+            # Straight to the loggers, keyed by our optimizer step (Lightning's global_step would count
+            # micro-batches differently under accumulation and skipped steps).
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.optimizer_step)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -236,6 +258,7 @@ class DLoRALModule(L.LightningModule):
             "last_phase": self._last_phase,
             "nonfinite": self.nonfinite.state_dict(),
             "rng": _rng_state(),
+            "module_rng": self._rng().get_state(),
             "config": self.config_container,
         }
 
@@ -249,6 +272,8 @@ class DLoRALModule(L.LightningModule):
         self._last_phase = state["last_phase"]
         self.nonfinite.load_state_dict(state["nonfinite"])
         _set_rng_state(state["rng"])
+        self._generator = None
+        self._pending_rng = state["module_rng"]
 
 
 def _rng_state() -> dict[str, Any]:

@@ -163,7 +163,7 @@ class PreemptionCallback(Callback):
             self.install_handlers()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Install again: Lightning registers its SIGTERM handler (which runs a collective) after ``setup``."""
+        """Install again: Lightning adds its SIGTERM handler (which runs a collective) after ``setup``."""
         self._last_step = read_optimizer_step(pl_module)
         self.install_handlers()
 

@@ -9,7 +9,7 @@ import lightning as L
 
 from dlightning.config import RootConfig, to_container, to_yaml
 from dlightning.data.datamodule import VSRDataModule
-from dlightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint, resolve_resume_checkpoint
+from dlightning.training.checkpointing import StepCheckpoint, resolve_resume_checkpoint
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
@@ -35,7 +35,7 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
     """Lightning Trainer with our strategy, checkpoint I/O, preemption handling and logger."""
     tcfg = cfg.trainer
     run_dir = Path(tcfg.run_dir)
-    plugins: list[Any] = [AtomicCheckpointIO(), *build_cluster_plugins()]
+    plugins: list[Any] = build_cluster_plugins()
     all_callbacks: list[L.Callback] = [
         StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
         PreemptionCallback(run_dir / "checkpoints"),

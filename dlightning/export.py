@@ -1,0 +1,280 @@
+"""Export: fuse C-LoRA and D-LoRA into the UNet and write one merged single-step model folder.
+
+Recipe (INTEGRATION.md C2), all in fp32: set each family's scale on its peft layers
+(:func:`dlightning.models.lora.set_family_scales`), ``unet.fuse_lora(adapter_names=all six,
+lora_scale=1.0)`` (peft's merge uses each adapter's current scaling, so the per-family scales are what
+is fused), ``unet.unload_lora()``, check that ``conv_in`` is a plain 8-channel Conv2d and
+``unet.config.in_channels == 8``, cast, ``save_pretrained(safe_serialization=True)``.
+
+Folder layout (written to ``DIR.tmp`` and renamed to ``DIR`` at the end)::
+
+    DIR/unet/                      merged UNet (diffusers, safetensors)
+    DIR/cfr.safetensors            CFR: spynet.* and cross_attn_module.* (reference key layout, fp32)
+    DIR/vae/ text_encoder/ tokenizer/ scheduler/   copied base components (unless link_base)
+    DIR/dlightning_export.json     how to run it (see ``export_metadata``)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dlightning.errors import ConfigError, MissingWeightsError
+from dlightning.inference.config import ExportConfig
+from dlightning.models.config import ModelConfig
+from dlightning.models.generator import DLoRALGenerator
+from dlightning.models.lora import FAMILY_SUFFIX, set_family_scales
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+EXPORT_FILE = "dlightning_export.json"
+CFR_FILE = "cfr.safetensors"
+EXPORT_FORMAT = 1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dlightning_version() -> str:
+    """Installed dlightning version, or ``unknown`` when running from a source tree."""
+    try:
+        return importlib.metadata.version("dlightning")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Trainable tensors and resolved config of a dlightning training checkpoint.
+
+    Args:
+        path: A ``.ckpt`` written by the trainer (read with ``weights_only=True``).
+
+    Returns:
+        ``(state_dict, config)``: tensors under ``generator.<...>`` keys and the RootConfig as a dict.
+
+    Raises:
+        MissingWeightsError: The file is absent or not a dlightning training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"checkpoint {str(path)!r} not found; pass a .ckpt from <run_dir>/checkpoints")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("dlightning", {}):
+        raise MissingWeightsError(f"{path} is not a dlightning training checkpoint (no state_dict or "
+                                  "dlightning.config); for the authors' model.pkl use --reference-pkl")
+    return ckpt["state_dict"], ckpt["dlightning"]["config"]
+
+
+def model_config_from(config: dict[str, Any]) -> ModelConfig:
+    """The ``model`` section of a stored RootConfig dict as a ModelConfig."""
+    from dlightning.config import from_container
+
+    if "model" not in config:
+        raise ConfigError("the checkpoint's stored config has no 'model' section")
+    return from_container(config["model"], ModelConfig)
+
+
+def load_trainable(generator: DLoRALGenerator, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint's ``generator.*`` tensors into ``generator``; every trainable one must be there.
+
+    Raises:
+        MissingWeightsError: A trainable tensor is missing or has the wrong shape.
+    """
+    own = dict(generator.named_parameters())
+    trainable = {n for n, p in own.items() if p.requires_grad}
+    theirs = {k[len("generator."):]: v for k, v in state_dict.items() if k.startswith("generator.")}
+    missing = sorted(trainable - set(theirs))
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in theirs.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or wrong:
+        raise MissingWeightsError(f"checkpoint does not match the generator built from its config: missing "
+                                  f"{missing[:4]} ({len(missing)}), mis-shaped {wrong[:4]}")
+    with torch.no_grad():
+        for k in trainable:
+            own[k].copy_(theirs[k].to(own[k].dtype))
+
+
+def generator_from_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None,
+                              ) -> tuple[DLoRALGenerator, dict[str, Any]]:
+    """Rebuild the generator of a training checkpoint (base weights from its model config) and load it.
+
+    Args:
+        path: Training checkpoint.
+        model_cfg: Use this model section instead of the stored one (e.g. another pretrained_path).
+
+    Returns:
+        ``(generator in eval mode, stored RootConfig dict)``.
+    """
+    state, config = read_training_checkpoint(path)
+    cfg = model_cfg or model_config_from(config)
+    gen = DLoRALGenerator(cfg).eval()
+    load_trainable(gen, state)
+    return gen, config
+
+
+# ------------------------------------------------------------------------------------------ fusing
+def _lora_layers(unet: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+
+def fuse_families(unet: nn.Module, consistency: float = 1.0, detail: float = 1.0) -> list[str]:
+    """Fuse both LoRA families into the base weights at the given scales and remove every LoRA layer.
+
+    Run in fp32. The UNet is modified in place.
+
+    Args:
+        unet: The generator's adapted UNet.
+        consistency: Scale of the C family.
+        detail: Scale of the D family (0 = consistency-only).
+
+    Returns:
+        The fused adapter names.
+
+    Raises:
+        RuntimeError: The UNet has no LoRA layers (already fused and unloaded), has layers already
+            merged, or conv_in is not an 8-channel Conv2d afterwards.
+    """
+    layers = _lora_layers(unet)
+    if not layers:
+        raise RuntimeError("this UNet has no LoRA layers: it was already fused (exports cannot be fused again)")
+    if any(getattr(m, "merged", False) for m in layers):
+        raise RuntimeError("this UNet already has merged LoRA weights; refusing to fuse twice")
+    if any(p.dtype != torch.float32 for p in unet.parameters()):
+        raise RuntimeError("fuse the UNet in fp32 (cast after fusing)")
+    names = sorted(unet.peft_config)
+    unknown = [n for n in names if not n.endswith(tuple(f"_{s}" for s in FAMILY_SUFFIX.values()))]
+    if unknown:
+        raise RuntimeError(f"unexpected adapters {unknown}; only the C and D families can be exported")
+    set_family_scales(unet, consistency=consistency, detail=detail)
+    unet.fuse_lora(adapter_names=names, lora_scale=1.0)
+    unet.unload_lora()
+    conv = unet.conv_in
+    if type(conv) is not nn.Conv2d or conv.in_channels != 8:
+        raise RuntimeError(f"after unloading, conv_in is {type(conv).__name__} with "
+                           f"{getattr(conv, 'in_channels', '?')} inputs; expected a plain 8-channel Conv2d")
+    unet.register_to_config(in_channels=8)
+    if _lora_layers(unet) or any(".lora_" in n for n, _ in unet.named_parameters()):
+        raise RuntimeError("LoRA parameters remain after unload_lora")
+    return names
+
+
+# ------------------------------------------------------------------------------------------ writing
+def export_metadata(generator: DLoRALGenerator, cfg: ExportConfig, fused: dict[str, float], source: str,
+                    ) -> dict[str, Any]:
+    """The ``dlightning_export.json`` content: everything needed to run the merged model."""
+    from dlightning.config import to_container
+
+    m = generator.cfg
+    return {
+        "format": EXPORT_FORMAT,
+        "dlightning_version": dlightning_version(),
+        "source_checkpoint": source,
+        "timestep": m.timestep,
+        "x0_rule": m.x0_rule,
+        "scale": m.scale,
+        "vae_latent": m.vae_latent,
+        "vae_scaling_factor": generator.scaling_factor,
+        "color_fix": cfg.color_fix,
+        "prompt": cfg.prompt,
+        "cfr": {"heads": m.cfr.heads, "embed_dim": m.cfr.embed_dim, "temperature": m.cfr.temperature,
+                "spynet_input_range": m.cfr.spynet_input_range, "in_channels": m.cfr.in_channels,
+                "block_size": m.cfr.block_size, "topk": m.cfr.topk},
+        "fused_families": fused,
+        "dtype": cfg.dtype,
+        "base_path": m.pretrained_path if cfg.link_base else None,
+        "model_config": to_container(m),
+    }
+
+
+def _prepare_target(out: Path, overwrite: bool) -> Path:
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if occupied:
+        what = "an export" if (out / EXPORT_FILE).is_file() else "files"
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds {what}; choose another folder or pass --overwrite")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def export_generator(generator: DLoRALGenerator, out: str | Path, cfg: ExportConfig | None = None,
+                     source: str = "") -> Path:
+    """Fuse the generator's LoRA families and write the merged model folder ``out``.
+
+    The generator is consumed: its UNet is fused in place.
+
+    Args:
+        generator: A generator with its trained tensors loaded (fp32).
+        out: Target folder; must not hold an export unless ``cfg.overwrite``.
+        cfg: Scales, dtype, defaults.
+        source: Where the weights came from (recorded in the metadata).
+
+    Returns:
+        The export folder.
+    """
+    from safetensors.torch import save_file
+
+    cfg = cfg or ExportConfig()
+    out = Path(out)
+    if cfg.link_base and generator.cfg.preset != "sd21":
+        raise ConfigError("export.link_base needs model.preset=sd21 (a tiny model has no base folder)")
+    tmp = _prepare_target(out, cfg.overwrite)
+    dtype = DTYPES[cfg.dtype]
+    generator = generator.float().eval()
+    fused = {"consistency": float(cfg.scale_consistency), "detail": float(cfg.scale_detail)}
+    names = fuse_families(generator.unet, **fused)
+    log.info("fused %d adapters at scales %s", len(names), fused)
+    generator.unet.to(dtype).save_pretrained(tmp / "unet", safe_serialization=True)
+    cfr_sd = {k: v.detach().float().contiguous().cpu() for k, v in generator.cfr.reference_state_dict().items()}
+    save_file(cfr_sd, str(tmp / CFR_FILE))
+    if not cfg.link_base:
+        generator.vae.to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
+        generator.prompt_encoder.text_encoder.to(dtype).save_pretrained(tmp / "text_encoder",
+                                                                         safe_serialization=True)
+        generator.prompt_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+        _noise_scheduler(generator).save_pretrained(tmp / "scheduler")
+    meta = export_metadata(generator, cfg, fused, source)
+    (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    log.info("exported merged model to %s", out)
+    return out
+
+
+def _noise_scheduler(generator: DLoRALGenerator):
+    from diffusers import DDPMScheduler
+
+    from dlightning.models.tiny import SD21_SCHEDULER_CONFIG
+
+    # The one-step forward never uses the scheduler; it is saved so the folder is a complete SD layout.
+    if generator.cfg.preset == "sd21":
+        return DDPMScheduler.from_pretrained(generator.cfg.pretrained_path, subfolder="scheduler",
+                                             local_files_only=True)
+    return DDPMScheduler(**SD21_SCHEDULER_CONFIG)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> Path:
+    """Export a dlightning training checkpoint (see :func:`export_generator`)."""
+    gen, _ = generator_from_checkpoint(checkpoint)
+    return export_generator(gen, out, cfg, source=str(checkpoint))
+
+
+def export_reference(pkl: str | Path, model_cfg: ModelConfig, out: str | Path,
+                     cfg: ExportConfig | None = None) -> Path:
+    """Export the authors' ``model.pkl`` (read with ``weights_only=True``) on the base of ``model_cfg``."""
+    from dlightning.models.reference_ckpt import load_reference_checkpoint
+
+    gen = DLoRALGenerator(model_cfg).eval()
+    load_reference_checkpoint(gen, pkl)
+    return export_generator(gen, out, cfg, source=str(pkl))

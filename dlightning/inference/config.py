@@ -1,0 +1,116 @@
+"""Config sections of export, upscaling and validation (composed into RootConfig by the lead)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlightning.errors import ConfigError
+from dlightning.losses.config import LPIPSConfig
+from dlightning.models.config import check_choice
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+COLOR_FIXES = ("adain", "wavelet", "none")
+
+
+@dataclass
+class ExportConfig:
+    """How a training checkpoint becomes one merged single-step model folder."""
+
+    scale_consistency: float = 1.0
+    """Scale at which the C-LoRA family is fused into the UNet."""
+    scale_detail: float = 1.0
+    """Scale at which the D-LoRA family is fused (0 = consistency-only model)."""
+    dtype: str = "fp32"
+    """Dtype of the saved UNet, VAE and text encoder (fp32 | fp16 | bf16); merging is always fp32."""
+    link_base: bool = False
+    """sd21 only: store model.pretrained_path instead of copying VAE / text encoder / tokenizer."""
+    overwrite: bool = False
+    """Replace an existing export in the target folder."""
+    color_fix: str = "adain"
+    """Colour-fix default written into the export (adain | wavelet | none)."""
+    prompt: str = ""
+    """Default prompt written into the export."""
+
+    def __post_init__(self) -> None:
+        check_choice("export", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
+        check_choice("export", "color_fix", self.color_fix, COLOR_FIXES)
+
+
+@dataclass
+class UpscaleConfig:
+    """Video upscaling with an exported (or in-memory) model."""
+
+    batch_windows: int = 4
+    """(previous, current) windows per UNet call."""
+    tile_size: int = 96
+    """Latent tile side; the latent is tiled when its area exceeds tile_size^2 (METHOD.md 7.4)."""
+    tile_overlap: int = 32
+    """Latent overlap between neighbouring tiles (blended with Gaussian weights)."""
+    vae_tile_size: int = 512
+    """Pixel tile side of diffusers' tiled VAE, used only for frames larger than it (0 = never tile)."""
+    color_fix: str | None = None
+    """adain | wavelet | none; None = the export's default."""
+    prompt: str | None = None
+    """Prompt for every frame; None = the export's default."""
+    seed: int = 42
+    """Seeds the VAE latent sampling (vae_latent=sample) per video: same seed, same output."""
+    dtype: str = "auto"
+    """auto = bf16 on CUDA (fp16 without bf16 support), fp32 on CPU."""
+    device: str = "auto"
+    """auto = cuda when available, else cpu; or any torch device string."""
+    max_frames: int = 0
+    """Process at most this many frames per video (0 = all)."""
+    min_short_side: int = 128
+    """LQ frames with a shorter side below this are bicubic-enlarged first (METHOD.md 1.5)."""
+    crf: int = 18
+    """H.264 constant rate factor of written videos."""
+
+    def __post_init__(self) -> None:
+        check_choice("upscale", "dtype", self.dtype, DTYPES)
+        if self.color_fix is not None:
+            check_choice("upscale", "color_fix", self.color_fix, COLOR_FIXES)
+        if self.batch_windows < 1:
+            raise ConfigError("upscale.batch_windows must be >= 1")
+        if self.tile_size < 8 or not 0 <= self.tile_overlap < self.tile_size:
+            raise ConfigError("upscale.tile_size must be >= 8 and 0 <= upscale.tile_overlap < tile_size")
+        if self.max_frames < 0 or self.min_short_side < 0 or self.vae_tile_size < 0:
+            raise ConfigError("upscale.max_frames, min_short_side and vae_tile_size must be >= 0")
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic validation on held-out clips during training (rank 0) and `dlightning validate`."""
+
+    every_n_steps: int = 0
+    """Run every this many optimizer steps (0 = never during training)."""
+    lq_dir: str | None = None
+    """Folder of LQ videos (or frame folders); paired with gt_dir by file stem."""
+    gt_dir: str | None = None
+    """Folder of GT videos (or frame folders), scale x the LQ size."""
+    shards: str | None = None
+    """Alternatively a shard-set folder (manifest.json + tars) written by data_prep."""
+    max_clips: int = 4
+    max_frames: int = 8
+    """Frames per clip (from the start)."""
+    write_videos: bool = True
+    """Write side-by-side videos (LQ bicubic | output | GT) and temporal-profile PNGs."""
+    fps: float = 10.0
+    """Frame rate of the side-by-side videos when the source has none (shards)."""
+    flow_path: str | None = None
+    """Local SPyNet weights for E*warp; None = random flow net (tests only; values meaningless)."""
+    compute_lpips: bool = True
+    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    y_channel: bool = False
+    """PSNR / SSIM on the BT.601 Y channel instead of RGB."""
+    crop_border: int = 0
+    """Pixels removed from each border before PSNR / SSIM."""
+    upscale: UpscaleConfig = field(default_factory=lambda: UpscaleConfig(color_fix="none"))
+    """Inference settings of the validation forward (colour fix off by default)."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0 or self.max_clips < 1 or self.max_frames < 2:
+            raise ConfigError("validation.every_n_steps >= 0, max_clips >= 1 and max_frames >= 2 required")
+        if (self.lq_dir is None) != (self.gt_dir is None):
+            raise ConfigError("validation.lq_dir and validation.gt_dir must be set together")
+        if self.lq_dir is not None and self.shards is not None:
+            raise ConfigError("set either validation.lq_dir/gt_dir or validation.shards, not both")
