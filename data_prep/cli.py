@@ -88,7 +88,7 @@ def plan_clips(cfg: DataPrepConfig, report: SkipReport) -> list[ClipSpec]:
         elif src.kind == "images":
             found = enumerate_images(src.root, clips_per_image=src.clips_per_image, fps=src.fps, **common)
         else:
-            found = enumerate_demo(names=src.images, fps=src.fps, **common)
+            found = enumerate_demo(names=src.images, fps=src.fps, kinds=src.demo_kinds, **common)
         specs.extend(found[: src.max_clips] if src.max_clips > 0 else found)
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):

@@ -49,6 +49,8 @@ class SourceSpec:
     """Degradation preset for this source ('' = degradation.preset)."""
     images: list[str] = field(default_factory=lambda: list(DEMO_IMAGES))
     """demo: the skimage.data photographs to use."""
+    demo_kinds: list[str] = field(default_factory=lambda: ["image", "video"])
+    """demo: which clips to make per photograph: image (camera path) and/or video (pan/zoom)."""
 
 
 @dataclass

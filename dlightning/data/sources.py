@@ -261,8 +261,9 @@ def enumerate_demo(
     names: Sequence[str] = DEMO_IMAGES,
     fps: float = 24.0,
     preset: str = "",
+    kinds: Sequence[str] = ("image", "video"),
 ) -> list[ClipSpec]:
-    """Per skimage photograph: one camera-path image clip and one pan/zoom "video" clip.
+    """Per skimage photograph: one camera-path image clip and one pan/zoom "video" clip (as ``kinds`` asks).
 
     The "video" clips are an animated constant-velocity pan with a slow zoom over the still
     photograph: real pixels with real, smooth motion, standing in for footage in the offline demo.
@@ -270,6 +271,8 @@ def enumerate_demo(
     specs: list[ClipSpec] = []
     for name in names:
         for kind, loader, tag in (("image", "demo_image", "cam"), ("video", "demo_video", "pan")):
+            if kind not in kinds:
+                continue
             specs.append(
                 ClipSpec(
                     key=sanitize_key(f"{source}_{name}_{tag}"),

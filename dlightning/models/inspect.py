@@ -44,11 +44,12 @@ def _build_meta_unet(cfg: ModelConfig):
 
 
 def _cfr_trainable(cfg: ModelConfig) -> int:
-    from dlightning.models.cfr import CrossFrameRetrieval
+    from dlightning.models.cfr import CrossFrameAttention
 
+    # Only the attention trains; building it alone reads no SPyNet weights.
     with torch.device("meta"):
-        cfr = CrossFrameRetrieval(cfg.cfr)
-    return sum(p.numel() for p in cfr.trainable_parameters())
+        attn = CrossFrameAttention(cfg.cfr.in_channels, heads=cfg.cfr.heads, embed_dim=cfg.cfr.embed_dim)
+    return sum(p.numel() for p in attn.parameters())
 
 
 def inspect_model(cfg: ModelConfig) -> dict:

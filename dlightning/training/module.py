@@ -227,7 +227,7 @@ class DLoRALModule(L.LightningModule):
         now = time.perf_counter()
         steps = max(self.trainer_cfg.log_every, 1)
         clips = batch["hr"].shape[0] * self.optim_cfg.accumulate * steps * self.trainer.world_size
-        metrics = {f"train/{k}": float(v) for k, v in losses.items() if v.numel() == 1}
+        metrics = {f"train/{k}": float(v.detach()) for k, v in losses.items() if v.numel() == 1}
         metrics.update({f"train/weight_{k}": float(v) for k, v in spec.weights.items()})
         metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
         metrics["train/optimizer_step"] = float(self.optimizer_step)

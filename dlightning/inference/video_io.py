@@ -1,0 +1,292 @@
+"""Reading and writing videos (PyAV) and frame folders (OpenCV), with atomic outputs.
+
+* Inputs: a video file (any container FFmpeg reads), a folder of frames (sorted by name), or a folder
+  of videos. Frames come out as RGB uint8 ``(H, W, 3)``; grayscale and alpha inputs are converted.
+* Frame rate: the stream's average rate (total frames / duration), so a variable-frame-rate source is
+  written at constant rate with the same duration.
+* Outputs are written under a temporary name in the target folder and renamed at the end, so the
+  final name never holds a partial result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dlightning.errors import ConfigError
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "opus", "alac", "flac"}
+
+
+class InputError(ConfigError):
+    """An input video, frame or folder cannot be used; the message names the path and the fix."""
+
+
+@dataclass
+class VideoSource:
+    """One input: a video file or a frame folder."""
+
+    path: Path
+    kind: str
+    """``video`` or ``frames``."""
+    fps: Fraction | None
+    num_frames: int | None
+    has_audio: bool = False
+
+    def frames(self, max_frames: int = 0) -> Iterator[np.ndarray]:
+        """RGB uint8 frames ``(H, W, 3)`` in order (at most ``max_frames`` when > 0)."""
+        it = _video_frames(self.path) if self.kind == "video" else _folder_frames(self.path)
+        for i, frame in enumerate(it):
+            if max_frames and i >= max_frames:
+                return
+            yield frame
+
+
+def _video_frames(path: Path) -> Iterator[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _video_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` of an image file (grayscale expanded, alpha dropped, 16 bit reduced)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"cannot read image {path}; check that it is a valid image file")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
+    for path in _image_files(folder):
+        yield read_image(path)
+
+
+def probe_video(path: str | Path) -> VideoSource:
+    """Open a video, check it has a decodable video stream, and read its rate and length.
+
+    Raises:
+        InputError: The file is missing, unreadable or has no decodable video frame.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input {str(path)!r} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+            has_audio = bool(container.streams.audio)
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise InputError(f"{path} has no decodable video frame")
+            frames = stream.frames or None
+    except av.error.FFmpegError as err:
+        raise InputError(f"cannot read video {path}: {err}; check the file is a complete video") from err
+    if not fps:
+        raise InputError(f"{path} has no frame rate; re-mux it with a rate or pass a frame folder")
+    return VideoSource(path=path, kind="video", fps=Fraction(fps), num_frames=frames, has_audio=has_audio)
+
+
+def probe_frames(folder: Path) -> VideoSource:
+    """A frame folder as a source (no frame rate); its first image must be readable."""
+    files = _image_files(folder)
+    if not files:
+        raise InputError(f"folder {folder} holds no frames ({', '.join(IMAGE_SUFFIXES)})")
+    read_image(files[0])
+    return VideoSource(path=folder, kind="frames", fps=None, num_frames=len(files))
+
+
+def collect_inputs(path: str | Path) -> list[VideoSource]:
+    """The sources of an input path: one video, one frame folder, or every video of a folder.
+
+    A folder holding videos is a folder of videos (its images, if any, are ignored); otherwise it must
+    hold frames. Every source is probed before any processing starts.
+
+    Raises:
+        InputError: Nothing usable at ``path``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [probe_video(path)]
+    if not path.is_dir():
+        raise InputError(f"input {str(path)!r} does not exist; pass a video file or a folder")
+    videos = _video_files(path)
+    if videos:
+        return [probe_video(v) for v in videos]
+    if _image_files(path):
+        return [probe_frames(path)]
+    raise InputError(f"folder {path} holds no video ({', '.join(VIDEO_SUFFIXES)}) and no frames "
+                     f"({', '.join(IMAGE_SUFFIXES)})")
+
+
+def is_video_path(path: str | Path) -> bool:
+    """Whether ``path`` names a video file by its suffix."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def partial_path(final: Path) -> Path:
+    """Temporary sibling of ``final`` (same folder, same suffix so the container format is kept)."""
+    return final.with_name(f".{final.stem}.partial{final.suffix}")
+
+
+class FrameFolderWriter:
+    """Write ``frame_%06d.png`` into a temporary folder, renamed to ``final`` by :meth:`close`."""
+
+    def __init__(self, final: str | Path) -> None:
+        self.final = Path(final)
+        self.tmp = partial_path(self.final)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.count = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame."""
+        cv2.imwrite(str(self.tmp / f"frame_{self.count:06d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        self.count += 1
+
+    def close(self) -> None:
+        """Publish the folder under its final name (replacing an older one)."""
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.tmp.rename(self.final)
+
+    def abort(self) -> None:
+        """Remove the partial output."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class VideoWriter:
+    """H.264 video at ``fps`` with the source's audio copied, written to a temporary name then renamed.
+
+    Args:
+        final: Output video path (its suffix picks the container).
+        fps: Frame rate (the source's average rate).
+        audio_from: Source video whose audio streams are remuxed (re-encoded to AAC when the codec
+            cannot go into an mp4).
+        crf: H.264 constant rate factor.
+    """
+
+    def __init__(self, final: str | Path, fps: Fraction, audio_from: Path | None = None, crf: int = 18) -> None:
+        self.final = Path(final)
+        self.tmp = partial_path(self.final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.fps = Fraction(fps).limit_denominator(100000)
+        self.audio_from = audio_from
+        self.crf = crf
+        self.container = None
+        self.stream = None
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        self.container = av.open(str(self.tmp), mode="w")
+        self.stream = self.container.add_stream("libx264", rate=self.fps)
+        self.stream.width, self.stream.height = width, height
+        # 4:2:0 needs even sides; odd output sizes are written in 4:4:4.
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(self.crf)}
+        self._audio = self._add_audio()
+
+    def _add_audio(self) -> list:
+        if self.audio_from is None:
+            return []
+        import av
+
+        src = av.open(str(self.audio_from))
+        pairs = []
+        for a in src.streams.audio:
+            name = a.codec_context.name
+            mp4 = self.final.suffix.lower() in (".mp4", ".m4v", ".mov")
+            if mp4 and name not in _MP4_AUDIO:
+                out = self.container.add_stream("aac", rate=a.rate)
+                pairs.append((a, out, True))
+            else:
+                pairs.append((a, self.container.add_stream_from_template(a), False))
+        self._audio_src = src
+        return pairs
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame ``(H, W, 3)``."""
+        import av
+
+        if self.container is None:
+            self._open(frame.shape[0], frame.shape[1])
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self.stream.encode(vf):
+            self.container.mux(packet)
+
+    def _copy_audio(self) -> None:
+        for src_stream, out_stream, transcode in self._audio:
+            if transcode:
+                for frame in self._audio_src.decode(src_stream):
+                    frame.pts = None
+                    for packet in out_stream.encode(frame):
+                        self.container.mux(packet)
+                for packet in out_stream.encode(None):
+                    self.container.mux(packet)
+                continue
+            for packet in self._audio_src.demux(src_stream):
+                if packet.dts is None:
+                    continue  # demux's final flush packet
+                packet.stream = out_stream
+                self.container.mux(packet)
+            self._audio_src.seek(0)
+
+    def close(self) -> None:
+        """Flush, copy the audio and publish under the final name."""
+        if self.container is None:
+            raise InputError(f"no frame was produced for {self.final}")
+        for packet in self.stream.encode(None):
+            self.container.mux(packet)
+        if self._audio:
+            self._copy_audio()
+            self._audio_src.close()
+        self.container.close()
+        self.tmp.replace(self.final)
+
+    def abort(self) -> None:
+        """Close and remove the partial file."""
+        import av
+
+        if self.container is not None:
+            # Already failing: a close error must not hide the original one; the file goes anyway.
+            with contextlib.suppress(av.error.FFmpegError, OSError, ValueError):
+                self.container.close()
+        if getattr(self, "_audio_src", None) is not None:
+            self._audio_src.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_video_info(path: str | Path) -> tuple[int, Fraction, int, int, bool]:
+    """``(frames decoded, average rate, height, width, has_audio)`` of a video (tests and checks)."""
+    src = probe_video(path)
+    frames = list(src.frames())
+    return len(frames), src.fps, frames[0].shape[0], frames[0].shape[1], src.has_audio
