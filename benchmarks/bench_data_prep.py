@@ -14,11 +14,16 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import results_path  # noqa: E402
 
 
 def _clip(seed: int) -> np.ndarray:
@@ -55,12 +60,13 @@ def _time_png(clips: list[np.ndarray]) -> float:
     return (time.perf_counter() - start) / len(clips)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the table and append it to RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--results", default=None, help="markdown file to append to (default RESULTS.md)")
+    args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     import av
     import scipy
@@ -87,7 +93,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results = Path(__file__).with_name("RESULTS.md")
+        results = results_path(args.results)
         with open(results, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
 

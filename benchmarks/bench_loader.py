@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,10 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import results_path  # noqa: E402
 
 from dlightning.data.config import DataConfig, SourceConfig
 from dlightning.data.loader import build_train_dataloader
@@ -70,18 +75,20 @@ def measure(folder: Path, workers: int, batches: int) -> float:
     return batches / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=40)
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    parser.add_argument("--results", default=None, help="markdown file to append to (default RESULTS.md)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1], help="loader worker counts")
+    args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         png_bytes = write_shards(folder, args.clips)
-        rows = [(w, measure(folder, w, args.batches)) for w in (0, 1)]
+        rows = [(w, measure(folder, w, args.batches)) for w in args.workers]
     lines = [
         f"### bench_loader ({datetime.date.today().isoformat()})",
         "",
@@ -98,7 +105,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
+        with open(results_path(args.results), "a") as fh:
             fh.write("\n" + table)
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dlightning.data.config import DataConfig
 from dlightning.errors import ConfigError
+from dlightning.inference.config import ValidationConfig
 from dlightning.launch_config import LaunchConfig
 from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig, check_choice
@@ -55,6 +56,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         if self.data.scale != self.model.scale:
@@ -170,4 +172,4 @@ def from_container(data: dict, cls: type = RootConfig):
 
 
 __all__ = ["RootConfig", "LoggingConfig", "load_config", "to_yaml", "to_container", "from_container",
-           "check_keys", "ListConfig"]
+           "check_keys"]

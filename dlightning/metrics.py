@@ -157,7 +157,7 @@ class VideoMetrics:
             dev = next(self.lpips.parameters()).device
             m["lpips"] = float(self.lpips(output.to(dev) * 2 - 1, gt.to(dev) * 2 - 1))
         if self.flow_net is not None:
-            dev = next(self.flow_net.parameters()).device
+            dev = next(self.flow_net.parameters(), torch.empty(0)).device
             m["ewarp"] = warp_error(output.to(dev), self.flow_net, gt.to(dev))
             m["ewarp_gt"] = warp_error(gt.to(dev), self.flow_net)
         self.per_clip.append(m)

@@ -26,9 +26,9 @@ def build_logger(cfg: Any, run_dir: str | Path, *, run_id: str | None = None) ->
     if cfg.backend == "none":
         return False
     if cfg.backend == "csv":
-        return CSVLogger(str(run_dir), name="logs", version="")
+        return CSVLogger(str(run_dir), name="logs")  # version_N per (re)start: a resume never overwrites
     if cfg.backend == "tensorboard":
-        return TensorBoardLogger(str(run_dir), name="tb", version="")
+        return TensorBoardLogger(str(run_dir), name="tb")
     from lightning.pytorch.loggers import WandbLogger
 
     mode = resolve_wandb_mode(cfg.wandb_mode)

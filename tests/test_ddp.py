@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# ~30-50 s on two shared cores: two interpreters import torch/diffusers and build the model.
+pytestmark = pytest.mark.slow
+
 HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 STEPS = 6
 C_END, D_END = 1, 3

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers.media import randomized_generator, tiny_model_config
 
 from dlightning.export import export_checkpoint, export_generator, export_reference, fuse_families
 from dlightning.inference.config import ExportConfig
 from dlightning.inference.exported import load_exported
 from dlightning.models.lora import set_family_scales
-from helpers.media import randomized_generator, tiny_model_config
 
 TOL = 1e-4
 """Max abs difference (fp32, tiny model) between merged and unmerged outputs in [-1, 1]."""

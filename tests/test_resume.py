@@ -40,8 +40,8 @@ def _ckpt_name(step: int) -> str:
 
 def _fit_command(run_dir: Path, max_steps: int, every: int) -> list[str]:
     probe = load_probe()
-    overrides = probe.tiny_overrides(run_dir, max_steps, c_end=C_END, d_end=D_END,
-                                     extra=[f"trainer.checkpoint_every={every}", "trainer.keep_checkpoints=3"])
+    extra = [f"trainer.checkpoint_every={every}", "trainer.keep_checkpoints=3"]
+    overrides = probe.tiny_overrides(run_dir, max_steps, c_end=C_END, d_end=D_END, extra=extra)
     return [sys.executable, "-m", "dlightning.cli", "fit", "--config", probe.DEMO_CONFIG, *overrides]
 
 
@@ -86,6 +86,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # ~40 s: three CLI processes; test_in_process_resume_is_bit_identical is the quick variant
 def test_kill_9_and_resume_is_bit_identical(tmp_path):
     half = N // 2
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"

@@ -96,6 +96,8 @@ class ValidationConfig:
     """Write side-by-side videos (LQ bicubic | output | GT) and temporal-profile PNGs."""
     fps: float = 10.0
     """Frame rate of the side-by-side videos when the source has none (shards)."""
+    flow_net: str = "spynet"
+    """Flow of E*warp: spynet (weights from flow_path) or farneback (OpenCV, no weights)."""
     flow_path: str | None = None
     """Local SPyNet weights for E*warp; None = random flow net (tests only; values meaningless)."""
     compute_lpips: bool = True
@@ -108,6 +110,7 @@ class ValidationConfig:
     """Inference settings of the validation forward (colour fix off by default)."""
 
     def __post_init__(self) -> None:
+        check_choice("validation", "flow_net", self.flow_net, ("spynet", "farneback"))
         if self.every_n_steps < 0 or self.max_clips < 1 or self.max_frames < 2:
             raise ConfigError("validation.every_n_steps >= 0, max_clips >= 1 and max_frames >= 2 required")
         if (self.lq_dir is None) != (self.gt_dir is None):

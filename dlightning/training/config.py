@@ -72,8 +72,13 @@ class OptimConfig:
     """Max gradient norm per group (0 = no clipping). Parity: only d_lora at 1.0."""
     reset_moments_on_phase_entry: bool = False
     """Clear the Adam moments of the groups that become active when a phase starts (reference: keep)."""
+    mask_mode: str = "auto"
+    """How inactive groups are held still: drop_grad (grad = None: no update, no decay, moments
+    untouched), zero_lr (lr 0 for inactive groups; needed under DeepSpeed), auto (zero_lr under a
+    deepspeed strategy, else drop_grad)."""
 
     def __post_init__(self) -> None:
+        check_choice("optim", "mask_mode", self.mask_mode, ("auto", "drop_grad", "zero_lr"))
         if self.accumulate < 1:
             raise ConfigError("optim.accumulate must be >= 1")
         unknown = set(self.clip_norm) - {"c_lora", "cfr", "d_lora", "conv_in"}

@@ -38,6 +38,7 @@ from dlightning.training.optim import (
     clip_group_norms,
     drop_inactive_gradients,
     reset_moments,
+    set_phase_learning_rates,
 )
 from dlightning.training.schedule import PhaseSpec, phase_at
 from dlightning.utils.logging import get_logger
@@ -70,10 +71,14 @@ class DLoRALModule(L.LightningModule):
         self.at_step_boundary = False
         """True right after the last micro-batch of an optimizer step (read by callbacks)."""
         self.nonfinite = NonFiniteTracker(trainer.max_nonfinite_steps)
+        self.mask_mode = optim.mask_mode if optim.mask_mode != "auto" else (
+            "zero_lr" if trainer.strategy.startswith("deepspeed") else "drop_grad")
         self._step_poisoned = False
         self._last_phase: str | None = None
         self._t_last = time.perf_counter()
         self._generator: torch.Generator | None = None
+        self._loss_window: dict[str, float] = {}
+        self._loss_window_count = 0
         self._pending_rng: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- set-up
@@ -130,10 +135,14 @@ class DLoRALModule(L.LightningModule):
             datamodule.set_position(self.micro_step)
 
     def _enter_step(self, spec: PhaseSpec, optimizer: torch.optim.Optimizer) -> None:
+        if self.mask_mode == "zero_lr":
+            set_phase_learning_rates(optimizer, spec.phase, self.optim_cfg.lr)
         if self._last_phase is not None and spec.phase != self._last_phase:
             log.info("step %d: entering the %s phase", self.optimizer_step, spec.phase)
             if self.optim_cfg.reset_moments_on_phase_entry:
-                reset_moments(optimizer, ACTIVE_GROUPS[spec.phase])
+                # only the groups that were frozen: conv_in trains in both phases, its moments are not stale
+                entering = set(ACTIVE_GROUPS[spec.phase]) - set(ACTIVE_GROUPS[self._last_phase])
+                reset_moments(optimizer, entering)
         self._last_phase = spec.phase
         self._step_poisoned = False
 
@@ -153,7 +162,8 @@ class DLoRALModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Called by the precision plugin after gradients are unscaled (fp16), right before the step.
-        drop_inactive_gradients(optimizer, self._active_phase)
+        if self.mask_mode == "drop_grad":
+            drop_inactive_gradients(optimizer, self._active_phase)
         self._grad_norms = clip_group_norms(optimizer, self.optim_cfg.clip_norm)
 
     def _no_sync(self):
@@ -222,12 +232,19 @@ class DLoRALModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- logging
     def _log_step(self, losses: dict[str, torch.Tensor], spec: PhaseSpec, batch: dict[str, Any]) -> None:
+        # Loss terms are averaged over every micro-batch since the last log line (a single micro-batch
+        # of a few clips is too noisy to show a trend).
+        for k, v in losses.items():
+            if v.numel() == 1 and torch.isfinite(v).all():
+                self._loss_window[k] = self._loss_window.get(k, 0.0) + float(v.detach())
+        self._loss_window_count += 1
         if not self.at_step_boundary or self.optimizer_step % max(self.trainer_cfg.log_every, 1):
             return
         now = time.perf_counter()
         steps = max(self.trainer_cfg.log_every, 1)
         clips = batch["hr"].shape[0] * self.optim_cfg.accumulate * steps * self.trainer.world_size
-        metrics = {f"train/{k}": float(v.detach()) for k, v in losses.items() if v.numel() == 1}
+        metrics = {f"train/{k}": v / self._loss_window_count for k, v in self._loss_window.items()}
+        self._loss_window, self._loss_window_count = {}, 0
         metrics.update({f"train/weight_{k}": float(v) for k, v in spec.weights.items()})
         metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
         metrics["train/optimizer_step"] = float(self.optimizer_step)

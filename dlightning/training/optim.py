@@ -30,6 +30,16 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: OptimConfig) -> 
                              weight_decay=cfg.weight_decay)
 
 
+def set_phase_learning_rates(optimizer: torch.optim.Optimizer, phase: str, lr: float) -> None:
+    """``zero_lr`` masking: inactive groups get lr 0 (no update, and AdamW's decoupled weight decay is
+    scaled by lr, so none either). Used where gradients cannot be dropped per group, as under DeepSpeed
+    ZeRO, whose partitioned gradients are not visible as ``p.grad``; Adam moments of inactive groups
+    still see their gradients there (documented limit)."""
+    active = ACTIVE_GROUPS[phase]
+    for group in optimizer.param_groups:
+        group["lr"] = lr if group["name"] in active else 0.0
+
+
 def drop_inactive_gradients(optimizer: torch.optim.Optimizer, phase: str) -> None:
     """Set ``grad = None`` on every group that does not train in ``phase``."""
     active = ACTIVE_GROUPS[phase]

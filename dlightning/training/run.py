@@ -41,6 +41,10 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         PreemptionCallback(run_dir / "checkpoints"),
         *(callbacks or []),
     ]
+    if cfg.validation.every_n_steps > 0:
+        from dlightning.training.validation import VideoValidation
+
+        all_callbacks.append(VideoValidation(cfg.validation, run_dir))
     return L.Trainer(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,

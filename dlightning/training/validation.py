@@ -140,9 +140,13 @@ def temporal_profile(panels: list[np.ndarray]) -> np.ndarray:
 
 
 def build_flow_net(cfg: ValidationConfig):
-    """Frozen SPyNet for E*warp from ``validation.flow_path`` (None = random, tests only)."""
+    """Frozen flow net for E*warp: SPyNet from ``validation.flow_path`` (None = random, tests only) or
+    OpenCV Farneback (``validation.flow_net: farneback``, no weights)."""
+    from dlightning.losses.temporal import FarnebackFlow
     from dlightning.models.spynet import load_spynet
 
+    if cfg.flow_net == "farneback":
+        return FarnebackFlow()
     return load_spynet(cfg.flow_path, key="validation.flow_path")
 
 

@@ -48,19 +48,19 @@ def tiny_overrides(run_dir: str | Path, max_steps: int, *, c_end: int, d_end: in
     return [
         "data.backend=synthetic", "data.num_workers=0", "data.crop_size=32", "data.batch_size=1",
         f"trainer.run_dir={run_dir}", f"trainer.max_steps={max_steps}", "trainer.log_every=1",
-        "trainer.accelerator=cpu", "optim.accumulate=2", "logging.backend=csv",
+        "trainer.accelerator=cpu", "optim.accumulate=2", "logging.backend=csv", "validation.every_n_steps=0",
         cdc_segments(c_end, d_end), *(extra or []),
     ]
 
 
 def parameter_group_names(pl_module: LightningModule) -> dict[str, str]:
-    """Map each trainable parameter name of the module to its optimizer group (c_lora, cfr, d_lora, conv_in)."""
+    """Map each trainable parameter name to its optimizer group (c_lora, cfr, d_lora, conv_in)."""
     group_of = {id(p): name for name, ps in pl_module.generator.parameter_groups().items() for p in ps}
     return {k: group_of[id(v)] for k, v in pl_module.named_parameters() if id(v) in group_of}
 
 
 class StepDump(Callback):
-    """Saves ``{"params", "keys", "optimizer_step", "micro_step", "groups"}`` per rank at each optimizer-step boundary.
+    """Saves ``{"params", "keys", "optimizer_step", "micro_step", "groups"}`` per rank per optimizer step.
 
     ``keys`` are the synthetic clip keys of the micro-batches of that step (they name rank and micro-batch).
     """
