@@ -214,7 +214,7 @@ _KILL_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to find the file being synced")
-@pytest.mark.parametrize("stage", [pytest.param("pickling", marks=pytest.mark.slow), "fsync"])
+@pytest.mark.parametrize("stage", ["pickling", "fsync"])
 def test_kill9_during_write_keeps_previous(ckpt_dir: Path, stage: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(ckpt_dir), stage])
     try:

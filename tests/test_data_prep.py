@@ -283,7 +283,6 @@ def test_cli_demo_builds_and_verifies(tmp_path: Path) -> None:
     assert main(["verify", str(tmp_path / "d"), "--deep"]) == 0
 
 
-@pytest.mark.slow
 def test_worker_processes_write_identical_shards(tmp_path: Path) -> None:
     one = build(_demo_cfg(tmp_path / "one"))
     two = build(_demo_cfg(tmp_path / "two", workers=2))

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 # ~30-50 s on two shared cores: two interpreters import torch/diffusers and build the model.
-pytestmark = pytest.mark.slow
 
 HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 STEPS = 6

@@ -121,7 +121,6 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(
         assert torch.equal(final["state_dict"][name], tensor), name
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_without_requeue(tmp_path: Path, stub_scontrol: tuple[Path, Path]) -> None:
     bin_dir, scontrol_log = stub_scontrol
     run_dir = tmp_path / "run"

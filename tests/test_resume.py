@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from helpers.state_compare import assert_same_training_state
+from helpers.state_compare import load_checkpoint as _load
 
 HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 N = 8
@@ -49,31 +50,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Trainable tensors, optimizer state and counters of two checkpoints are bit-identical."""
-    assert a["state_dict"].keys() == b["state_dict"].keys() and a["state_dict"]
-    diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not diff, f"{len(diff)} trainable tensors differ, e.g. {diff[:3]}"
-
-    (opt_a,), (opt_b,) = a["optimizer_states"], b["optimizer_states"]
-    assert opt_a["param_groups"] == opt_b["param_groups"]
-    assert opt_a["state"].keys() == opt_b["state"].keys()
-    for idx, state in opt_a["state"].items():
-        assert state.keys() == opt_b["state"][idx].keys() == {"step", "exp_avg", "exp_avg_sq"}, idx
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[key], opt_b["state"][idx][key]), f"optimizer state {idx}.{key} differs"
-
-    block_a, block_b = a["dlightning"], b["dlightning"]
-    for key in ("optimizer_step", "micro_step", "last_phase", "nonfinite"):
-        assert block_a[key] == block_b[key], key
-    assert torch.equal(block_a["module_rng"], block_b["module_rng"]), "private RNG (CSD draws) differs"
-    assert a["VSRDataModule"]["micro_batch"] == b["VSRDataModule"]["micro_batch"]
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -86,7 +62,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow  # ~40 s: three CLI processes; test_in_process_resume_is_bit_identical is the quick variant
 def test_kill_9_and_resume_is_bit_identical(tmp_path):
     half = N // 2
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"

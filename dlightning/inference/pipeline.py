@@ -7,7 +7,8 @@ does. Windows are batched (``batch_windows`` per UNet call). Per frame (METHOD.m
    so that its short side equals it; then replicate-padded so that ``side * scale`` is a multiple of 8.
 2. Generator pieces: bicubic x scale, VAE encode (diffusers tiled VAE above ``vae_tile_size`` px),
    CFR + UNet (:meth:`denoise`, latent tiles with Gaussian blending when the latent area exceeds
-   ``tile_size^2``), x0 rule, VAE decode.
+   ``tile_size^2``; tile starts on the UNet's downsampling grid), x0 rule, VAE decode. Both tilings
+   approximate the whole-frame result (docs/INFERENCE.md has the measured differences).
 3. Colour fix against the bicubic-upsampled LQ, crop the padding, and resize to exactly
    ``scale x original size`` when the frame was enlarged.
 """
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dlightning.inference.colorfix import color_fix
 from dlightning.inference.config import UpscaleConfig
-from dlightning.inference.tiling import needs_tiling, tiled_denoise
+from dlightning.inference.tiling import needs_tiling, tiled_denoise, unet_alignment
 from dlightning.inference.video_io import (
     FrameFolderWriter,
     InputError,
@@ -88,6 +89,7 @@ class Upscaler:
         param = next(model.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._pad_multiple = 8 // math.gcd(8, self.scale)
+        self._tile_align = unet_alignment(model)
         if cfg.vae_tile_size > 0:
             vae = model.vae
             vae.enable_tiling()
@@ -127,7 +129,8 @@ class Upscaler:
             args = (up[prevs], up[targets], z[prevs], z[targets], embeds)
             lh, lw = z.shape[-2:]
             if needs_tiling(lh, lw, self.cfg.tile_size):
-                fused, out = tiled_denoise(model, *args, tile=self.cfg.tile_size, overlap=self.cfg.tile_overlap)
+                fused, out = tiled_denoise(model, *args, tile=self.cfg.tile_size, overlap=self.cfg.tile_overlap,
+                                           align=self._tile_align)
             else:
                 fused, out = model.denoise(*args)
             images = model.decode_latents(model.to_x0(fused.float(), out.float()))

@@ -9,11 +9,11 @@ import lightning as L
 
 from dlightning.config import RootConfig, to_container, to_yaml
 from dlightning.data.datamodule import VSRDataModule
+from dlightning.tracking import build_logger
 from dlightning.training.checkpointing import StepCheckpoint, resolve_resume_checkpoint
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
-from dlightning.tracking import build_logger
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -271,6 +271,10 @@ class VideoValidation(L.Callback):
 
 def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -> None:
     finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
+    undefined = sorted(set(metrics) - set(finite))
+    if undefined:
+        # E*warp is undefined when the occlusion mask leaves no visible pixel; say so rather than log NaN.
+        log.warning("step %d: %s undefined on every clip (see metrics.json); not logged", step, undefined)
     for logger in loggers:
         logger.log_metrics({**finite, "val/optimizer_step": float(step)}, step=step)
         if type(logger).__name__ == "WandbLogger" and artifacts:
