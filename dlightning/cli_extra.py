@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction, add_config_args: Callable[[argpars
     p = sub.add_parser("validate", help="validation metrics and side-by-side videos of a checkpoint")
     add_config_args(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default=None, help="folder to write validation/step-XXXXXXXX/ into (default trainer.run_dir)")
+    p.add_argument("--out", default=None,
+                   help="folder to write validation/step-XXXXXXXX/ into (default trainer.run_dir)")
     p.add_argument("--lq-dir", default=None, help="overrides validation.lq_dir")
     p.add_argument("--gt-dir", default=None, help="overrides validation.gt_dir")
     p.set_defaults(func=cmd_validate)

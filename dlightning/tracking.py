@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from dlightning.training.checkpointing import stable_run_id
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
+
 
 def resolve_wandb_mode(mode: str) -> str:
     """``auto`` is online when an API key is configured and offline otherwise."""
@@ -37,3 +39,44 @@ def build_logger(cfg: Any, run_dir: str | Path, *, run_id: str | None = None) ->
     log.info("W&B run %s in %s mode", run_id, mode)
     return WandbLogger(project=cfg.project, entity=cfg.entity, name=cfg.run_name, id=run_id, resume="allow",
                        save_dir=str(run_dir), offline=(mode == "offline"), mode=mode)
+
+
+class LogResolvedConfig(Callback):
+    """Log the resolved configuration to every logger of the trainer, on global rank 0, when ``fit`` starts.
+
+    It runs after the strategy has set up the process group, so the rank is known on every launcher.
+    W&B shows it as the run config (updated in place on a resume), CSV writes ``hparams.yaml`` next to
+    ``metrics.csv``, TensorBoard its hparams table.
+
+    Args:
+        config: the resolved config as plain containers (``dlightning.config.to_container``).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Send the config to each logger once per ``fit``."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+
+
+def finish_tracking(trainer: Trainer, *, exit_code: int = 0) -> None:
+    """Close the W&B run that this trainer's W&B logger opened (rank 0; no-op for other backends).
+
+    Lightning's ``WandbLogger`` never finishes its run, and a later ``WandbLogger`` in the same process
+    silently logs into the run still in progress, whatever its id. Closing it at the end of ``fit``
+    lets back-to-back fits (and tests) each log into their own run; a process exit still closes it too.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    versions = {lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)}
+    if not versions or not trainer.is_global_zero:
+        return
+    import wandb
+
+    run = wandb.run
+    if run is not None and run.id in versions:
+        run.finish(exit_code=exit_code)

@@ -67,7 +67,7 @@ def stub_scontrol(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, log
 
 
-def test_simulated_slurm_environment_is_detected() -> None:
+def test_simulated_slurm_environment_is_detected(monkeypatch) -> None:
     """The variables below are what Lightning and our launch check need to treat the run as a SLURM job."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -77,14 +77,10 @@ def test_simulated_slurm_environment_is_detected() -> None:
     check_launch_environment(1, 1, env=env)  # raises on a mismatch
     [cluster] = [p for p in build_cluster_plugins(env=env) if isinstance(p, SLURMEnvironment)]
     assert cluster.auto_requeue is False  # our callback requeues, not Lightning's in-handler code
-    saved = dict(os.environ)
-    try:
-        os.environ.update(SLURM_ENV)
-        assert SLURMEnvironment.detect()
-        assert (cluster.global_rank(), cluster.local_rank(), cluster.world_size()) == (0, 0, 1)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert SLURMEnvironment.detect()
+    assert (cluster.global_rank(), cluster.local_rank(), cluster.world_size()) == (0, 0, 1)
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:
@@ -110,7 +106,7 @@ def test_sigusr1_preempts_requeues_and_resumes_bit_identically(tmp_path, stub_sc
         # step checkpoints are written atomically (tmp + rename), so existence means "step done"
         _wait_for_file(victim_dir / "checkpoints" / f"step-{SIGNAL_AFTER:08d}.ckpt", victim, timeout=240)
         victim.send_signal(signal.SIGUSR1)
-        _, err = victim.communicate(timeout=120)
+        _, err = victim.communicate(timeout=60)  # one more step, a checkpoint and teardown: seconds
     finally:
         if victim.poll() is None:
             victim.kill()

@@ -52,7 +52,8 @@ def _zero_flow_spynet_file(path):
 
 def test_callback_writes_videos_profiles_and_finite_metrics(val_dirs):
     cfg = ValidationConfig(every_n_steps=5, lq_dir=str(val_dirs / "lq"), gt_dir=str(val_dirs / "gt"),
-                           max_frames=3, flow_path=_zero_flow_spynet_file(val_dirs / "spynet.pth"), lpips=LPIPSConfig(allow_random_backbone=True),
+                           max_frames=3, flow_path=_zero_flow_spynet_file(val_dirs / "spynet.pth"),
+                           lpips=LPIPSConfig(allow_random_backbone=True),
                            upscale=UpscaleConfig(min_short_side=0, color_fix="none"))
     cb = VideoValidation(cfg, val_dirs / "run")
     gen = randomized_generator().train()

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +31,19 @@ class CaptionConfig:
     path: str = ""
     """JSON object ``{id: text}`` or TSV lines ``id<TAB>text``."""
     model_path: str = ""
-    """Local folder of a transformers image-to-text model (e.g. BLIP); nothing is downloaded."""
+    """Local ``save_pretrained`` folder of a transformers image-captioning model (VisionEncoderDecoder such
+    as ViT-GPT2, or BLIP) with its tokenizer and image processor; nothing is downloaded. The middle HR
+    frame of each clip is captioned with greedy decoding."""
     max_new_tokens: int = 40
+    """Longest caption, in tokens."""
 
     def __post_init__(self) -> None:
         if self.mode not in CAPTION_MODES:
             raise ConfigError(
                 f"captions.mode={self.mode!r} is not valid; choose one of {list(CAPTION_MODES)}"
             )
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"captions.max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 def load_caption_file(path: str) -> dict[str, str]:
@@ -69,24 +75,52 @@ def _file_captioner(mapping: dict[str, str]) -> Captioner:
     return caption
 
 
+def _load_caption_model(path: str) -> tuple[Any, Any, Any]:
+    """Image processor, tokenizer and captioning model of a local ``save_pretrained`` folder.
+
+    transformers 5 dropped the ``image-to-text`` pipeline, and its ``image-text-to-text`` pipeline needs a
+    multimodal processor and a text prompt that encoder-decoder captioners (ViT-GPT2 and the like) do not
+    have, so the Auto classes are used directly: ``AutoModelForImageTextToText`` covers both
+    VisionEncoderDecoder and BLIP-style models.
+    """
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise MissingWeightsError(
+            f"captions.model_path={path!r} is not a loadable image-captioning model ({err}); it needs the "
+            "model, tokenizer and image-processor files written by save_pretrained"
+        ) from err
+    model.eval()
+    log.info("captions: loaded %s from %s", type(model).__name__, path)
+    return processor, tokenizer, model
+
+
 def _model_captioner(cfg: CaptionConfig) -> Captioner:
     if not cfg.model_path or not Path(cfg.model_path).exists():
         raise MissingWeightsError(
             f"captions.model_path={cfg.model_path!r} does not exist; put a local image-to-text model folder "
             "there (saved with save_pretrained) or set captions.mode=none"
         )
-    state: dict[str, object] = {}
+    state: dict[str, Any] = {}
 
     def caption(key: str, clip_id: str, frames: np.ndarray) -> str:
-        if "pipe" not in state:  # lazy: loaded once per worker process, only when used
-            from transformers import pipeline
+        import torch
+        from PIL import Image  # unambiguous channel order for the image processor
 
-            state["pipe"] = pipeline("image-to-text", model=cfg.model_path)
-        from PIL import Image  # the pipeline takes PIL images
-
-        middle = Image.fromarray(frames[len(frames) // 2])
-        result = state["pipe"](middle, max_new_tokens=cfg.max_new_tokens)  # type: ignore[operator]
-        return str(result[0]["generated_text"]).strip()
+        if "model" not in state:  # lazy: loaded once per worker process, only when used
+            state["processor"], state["tokenizer"], state["model"] = _load_caption_model(cfg.model_path)
+        model = state["model"]
+        middle = Image.fromarray(np.ascontiguousarray(frames[len(frames) // 2]))
+        pixels = state["processor"](images=middle, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            # Greedy decoding: the caption of a clip must not change between (resumed) builds.
+            ids = model.generate(pixel_values=pixels.to(model.device, model.dtype),
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1)
+        return str(state["tokenizer"].batch_decode(ids, skip_special_tokens=True)[0]).strip()
 
     return caption
 

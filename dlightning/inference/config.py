@@ -46,8 +46,10 @@ class UpscaleConfig:
     """Latent tile side; the latent is tiled when its area exceeds tile_size^2 (METHOD.md 7.4)."""
     tile_overlap: int = 32
     """Latent overlap between neighbouring tiles (blended with Gaussian weights)."""
-    vae_tile_size: int = 512
-    """Pixel tile side of diffusers' tiled VAE, used only for frames larger than it (0 = never tile)."""
+    vae_tile_size: int = 1536
+    """Pixel tile side of diffusers' tiled VAE, used only for frames larger than it (0 = never tile).
+    Tiles are an approximation (per-tile GroupNorm statistics, docs/INFERENCE.md), so frames that fit
+    in memory stay whole; the reference decodes untiled up to about 1968 px."""
     color_fix: str | None = None
     """adain | wavelet | none; None = the export's default."""
     prompt: str | None = None

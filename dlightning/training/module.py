@@ -249,6 +249,11 @@ class DLoRALModule(L.LightningModule):
         metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
         metrics["train/optimizer_step"] = float(self.optimizer_step)
         metrics["train/skipped_steps"] = float(self.nonfinite.skipped_total)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            skipped = datamodule.skip_counts()
+            metrics["train/skipped_samples"] = float(sum(skipped.values()))
+            metrics.update({f"train/skipped_samples_{reason}": float(n) for reason, n in skipped.items()})
         metrics["train/clips_per_s"] = clips / max(now - self._t_last, 1e-9)
         metrics["train/clips_per_s_per_device"] = metrics["train/clips_per_s"] / self.trainer.world_size
         for name, norm in getattr(self, "_grad_norms", {}).items():

@@ -9,7 +9,7 @@ import lightning as L
 
 from dlightning.config import RootConfig, to_container, to_yaml
 from dlightning.data.datamodule import VSRDataModule
-from dlightning.tracking import build_logger
+from dlightning.tracking import LogResolvedConfig, build_logger, finish_tracking
 from dlightning.training.checkpointing import StepCheckpoint, resolve_resume_checkpoint
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
@@ -39,6 +39,7 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
     all_callbacks: list[L.Callback] = [
         StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
         PreemptionCallback(run_dir / "checkpoints"),
+        LogResolvedConfig(to_container(cfg)),
         *(callbacks or []),
     ]
     if cfg.validation.every_n_steps > 0:
@@ -91,5 +92,10 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
     module = build_module(cfg)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except BaseException:
+        finish_tracking(trainer, exit_code=1)
+        raise
+    finish_tracking(trainer)
     return module

@@ -219,13 +219,14 @@ class VideoValidation(L.Callback):
     Args:
         cfg: The validation section.
         run_dir: The run folder; outputs go to ``run_dir/validation/step-XXXXXXXX``.
+        clips: Already loaded validation clips (default: loaded from ``cfg`` when first needed).
     """
 
-    def __init__(self, cfg: ValidationConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: ValidationConfig, run_dir: str | Path, clips: list[ValClip] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self._clips: list[ValClip] | None = None
+        self._clips: list[ValClip] | None = clips
         self._flow_net = None
         self._lpips = None
         self._last_step: int | None = None
@@ -287,25 +288,61 @@ def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -
             logger.experiment.log(payload)
 
 
+_FOLDER_KEYS = ("validation.lq_dir", "validation.gt_dir")
+
+
+def _with_data_source(overrides: list[str]) -> list[str]:
+    """Command-line data-source overrides replace the config file's source instead of clashing with it.
+
+    A training config usually names ``validation.shards``; ``validation.lq_dir=... validation.gt_dir=...`` on
+    the command line would otherwise fail ValidationConfig's "either folders or shards" check (and the
+    other way round), so the source the user did not name is cleared first.
+    """
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    cleared = []
+    if keys & set(_FOLDER_KEYS) and "validation.shards" not in keys:
+        cleared.append("validation.shards=null")
+    if "validation.shards" in keys and not keys & set(_FOLDER_KEYS):
+        cleared += [f"{k}=null" for k in _FOLDER_KEYS]
+    return cleared + list(overrides)
+
+
 def validate_checkpoint(config_files: list[str], overrides: list[str], checkpoint: str, *,
                         out: str | None = None, lq_dir: str | None = None, gt_dir: str | None = None,
                         ) -> dict[str, float]:
-    """``dlightning validate``: build the generator of ``checkpoint`` (model section of the given config)
-    and run the validation once.
+    """``dlightning validate``: build the generator of ``checkpoint`` and run the validation once.
+
+    The model section comes from ``config_files`` + ``overrides`` when config files are given, else from
+    the config stored in the checkpoint. Data given on the command line (``lq_dir``/``gt_dir`` or
+    ``validation.*`` overrides) replaces the config file's validation data source.
 
     Returns:
         The ``val/*`` metrics.
+
+    Raises:
+        ConfigError: No (or an inconsistent) validation data source.
+        MissingWeightsError: ``checkpoint`` is missing or not a dlightning training checkpoint.
     """
     from dlightning.config import load_config
     from dlightning.export import generator_from_checkpoint
 
-    root = load_config(config_files, overrides)
-    cfg = getattr(root, "validation", None) or ValidationConfig()
+    root = load_config(config_files, _with_data_source(list(overrides)))
+    cfg = root.validation
     if lq_dir or gt_dir:
         cfg = dataclasses.replace(cfg, lq_dir=lq_dir or cfg.lq_dir, gt_dir=gt_dir or cfg.gt_dir, shards=None)
-    gen, _ = generator_from_checkpoint(checkpoint, root.model)
+    clips = load_clips(cfg)  # before the (slow) model build, so a bad data source fails at once
+    if not config_files:
+        log.info("validate: no --config given; using the model section stored in %s", checkpoint)
+    gen, stored = generator_from_checkpoint(checkpoint, root.model if config_files else None)
     step = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
                .get("dlightning", {}).get("optimizer_step", 0))
-    run_dir = Path(out) if out else Path(root.trainer.run_dir)
-    callback = VideoValidation(cfg, run_dir)
-    return callback.validate(gen, step)
+    if out:
+        run_dir = Path(out)
+    elif config_files:
+        run_dir = Path(root.trainer.run_dir)
+    else:
+        run_dir = Path(stored.get("trainer", {}).get("run_dir") or Path(checkpoint).parent)
+    callback = VideoValidation(cfg, run_dir, clips=clips)
+    metrics = callback.validate(gen, step)
+    log.info("validate: wrote %s", run_dir / "validation" / f"step-{step:08d}")
+    return metrics
