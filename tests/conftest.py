@@ -67,3 +67,17 @@ def randomize_trainables():
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
     return _randomize
+
+
+@pytest.fixture
+def stub_scontrol(tmp_path):
+    """A fake ``scontrol``, first on PATH, that appends its arguments to a log file: (bin_dir, log)."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -21,17 +20,6 @@ from dlightning.training.preemption import PreemptionCallback, requeue_slurm_job
 HELPERS = Path(__file__).parent / "helpers"
 TOY = HELPERS / "toy_train.py"
 
-
-@pytest.fixture
-def stub_scontrol(tmp_path: Path) -> tuple[Path, Path]:
-    """A fake ``scontrol`` on its own PATH entry that appends its arguments to a log file."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    script = bin_dir / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return bin_dir, log
 
 
 def _child_env(bin_dir: Path, **slurm: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -54,17 +53,6 @@ def _env(bin_dir: Path | None = None, slurm: bool = True) -> dict[str, str]:
         env.update(SLURM_ENV)
     return env
 
-
-@pytest.fixture
-def stub_scontrol(tmp_path: Path) -> tuple[Path, Path]:
-    """A fake ``scontrol``, first on PATH, that appends its arguments to a log file."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    script = bin_dir / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return bin_dir, log
 
 
 def test_simulated_slurm_environment_is_detected(monkeypatch) -> None:

@@ -239,3 +239,47 @@ def test_grayscale_tiny_frames_folder(export_dir, tmp_path):
     assert all(cv2.imread(str(p)).shape == (36, 52, 3) for p in outs)
     with pytest.raises(InputError, match="frame folder"):
         upscale_exported(export_dir, folder, tmp_path / "out.mp4", cfg)
+
+
+def _write_vfr_video(path, frames, pts_ms):
+    """H.264 in mkv with irregular frame timestamps (a variable frame rate), time base 1/1000 s."""
+    from fractions import Fraction
+
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
+        s.time_base = Fraction(1, 1000)
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"crf": "0"}
+        for f, pts in zip(frames, pts_ms, strict=True):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = pts, Fraction(1, 1000)
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def test_variable_frame_rate_every_frame_at_the_average_rate(export_dir, tmp_path):
+    pts = [0, 40, 60, 140, 160, 260]  # irregular gaps: a variable frame rate
+    src = _write_vfr_video(tmp_path / "vfr.mkv", smooth_frames(6, 16, 20), pts)
+    upscale_exported(export_dir, src, tmp_path / "out.mp4", UpscaleConfig(**FAST))
+    n, fps, h, w, _ = read_video_info(tmp_path / "out.mp4")
+    assert (n, h, w) == (6, 64, 80)  # every frame produced, none dropped or duplicated
+    assert 10 <= float(fps) <= 60  # written at one constant rate: the stream's average
+
+
+def test_bf16_upscale_runs_and_stays_close_to_fp32(export_dir, tmp_path):
+    src = write_video(tmp_path / "in.mp4", smooth_frames(3, 16, 16), fps=5)
+    outs = {}
+    for dtype in ("fp32", "bf16"):
+        upscale_exported(export_dir, src, tmp_path / dtype, UpscaleConfig(**FAST, dtype=dtype, color_fix="none"))
+        files = sorted((tmp_path / dtype).glob("*.png"))
+        outs[dtype] = np.stack([cv2.imread(str(f)) for f in files]).astype(np.float32)
+    assert outs["bf16"].shape == outs["fp32"].shape == (3, 64, 64, 3)
+    # bf16 keeps about 3 significant digits: the frames agree to a few grey levels on average.
+    assert np.abs(outs["bf16"] - outs["fp32"]).mean() < 6.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from dlightning.training.strategy import build_cluster_plugins, build_strategy, 
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+_EXPECTED_WARNINGS = (
+    # The frozen VAE, text encoder, SPyNet and LPIPS are kept in eval mode on purpose.
+    r".*module\(s\) in eval mode at the start of training.*",
+    # The loader's __len__ is exact per rank: every worker yields its share of batches_per_epoch.
+    r".*IterableDataset. has .__len__. defined.*",
+    # The data module restores its own position (micro-batch index) from the checkpoint.
+    r".*your dataloader is not resumable.*",
+)
 
 
 def build_module(cfg: RootConfig) -> DLoRALModule:
@@ -93,7 +103,10 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        with warnings.catch_warnings():
+            for message in _EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except BaseException:
         finish_tracking(trainer, exit_code=1)
         raise
