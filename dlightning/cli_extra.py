@@ -30,15 +30,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_UPSCALE_OPTIONS = ("batch_windows", "tile_size", "tile_overlap", "vae_tile_size", "color_fix", "prompt", "seed",
+                    "dtype", "device", "max_frames", "min_short_side", "channels_last", "compile")
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     """Upscale a video, a frame folder or a folder of videos with an exported model."""
     from dlightning.inference.config import UpscaleConfig
     from dlightning.inference.pipeline import upscale_exported
 
-    cfg = UpscaleConfig(batch_windows=args.batch_windows, tile_size=args.tile_size,
-                        tile_overlap=args.tile_overlap, vae_tile_size=args.vae_tile_size,
-                        color_fix=args.color_fix, prompt=args.prompt, seed=args.seed, dtype=args.dtype,
-                        device=args.device, max_frames=args.max_frames, min_short_side=args.min_short_side)
+    # Options left unset keep UpscaleConfig's defaults (one place defines them).
+    given = {name: getattr(args, name) for name in _UPSCALE_OPTIONS if getattr(args, name) is not None}
+    cfg = UpscaleConfig(**given)
     upscale_exported(args.model, args.input, args.output, cfg)
     return 0
 
@@ -78,19 +81,19 @@ def _upscale_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="video file, folder of frames, or folder of videos")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--model", required=True, help="export folder written by `dlightning export`")
-    p.add_argument("--batch-windows", type=int, default=4)
-    p.add_argument("--tile-size", type=int, default=96, help="latent tile side")
-    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
-    p.add_argument("--vae-tile-size", type=int, default=512, help="pixel tile of the tiled VAE (0 = off)")
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
-                   help="default: the export's")
-    p.add_argument("--prompt", default=None, help="default: the export's")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-frames", type=int, default=0, help="0 = all")
-    p.add_argument("--min-short-side", type=int, default=128,
-                   help="LQ frames with a shorter side are bicubic-enlarged first")
+    p.add_argument("--batch-windows", type=int, help="(previous, current) windows per UNet call (4)")
+    p.add_argument("--tile-size", type=int, help="latent tile side (96)")
+    p.add_argument("--tile-overlap", type=int, help="latent tile overlap (32)")
+    p.add_argument("--vae-tile-size", type=int, help="pixel tile of the tiled VAE, 0 = off (1536)")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="default: the export's")
+    p.add_argument("--prompt", help="default: the export's")
+    p.add_argument("--seed", type=int, help="seed of sampled VAE latents (42)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", help="auto: cuda when available")
+    p.add_argument("--max-frames", type=int, help="0 = all")
+    p.add_argument("--min-short-side", type=int, help="LQ frames with a shorter side are bicubic-enlarged (128)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels-last UNet and VAE")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
     p.set_defaults(func=cmd_upscale)
 
 

@@ -81,3 +81,19 @@ def stub_scontrol(tmp_path):
     script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return bin_dir, log
+
+
+@pytest.fixture(autouse=True)
+def _restore_lightning_rank():
+    """Lightning keeps the global rank in a process-wide attribute (``rank_zero_only.rank``); a test that
+    builds a Trainer under a simulated multi-rank SLURM job sets it to that rank, which would silence
+    every rank-zero logger of later tests in this process."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pl_rank_zero
+    from lightning_utilities.core import rank_zero as util_rank_zero
+
+    holders = [m.rank_zero_only for m in (fabric_rank_zero, pl_rank_zero, util_rank_zero)]
+    saved = [getattr(h, "rank", 0) for h in holders]
+    yield
+    for holder, rank in zip(holders, saved, strict=True):
+        holder.rank = rank

@@ -283,3 +283,10 @@ def test_bf16_upscale_runs_and_stays_close_to_fp32(export_dir, tmp_path):
     assert outs["bf16"].shape == outs["fp32"].shape == (3, 64, 64, 3)
     # bf16 keeps about 3 significant digits: the frames agree to a few grey levels on average.
     assert np.abs(outs["bf16"] - outs["fp32"]).mean() < 6.0
+
+
+def test_channels_last_gives_the_same_frames(gen):
+    frames = smooth_frames(3, 16, 16)
+    outs = [np.stack(list(Upscaler(copy.deepcopy(gen), UpscaleConfig(**FAST, channels_last=cl, color_fix="none"))
+                          .upscale_frames(frames))).astype(np.float32) for cl in (False, True)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1.0  # memory layout only: at most a rounding step of uint8

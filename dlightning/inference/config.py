@@ -66,6 +66,10 @@ class UpscaleConfig:
     """LQ frames with a shorter side below this are bicubic-enlarged first (METHOD.md 1.5)."""
     crf: int = 18
     """H.264 constant rate factor of written videos."""
+    channels_last: bool = False
+    """Run the UNet and VAE in channels-last memory format (often faster on GPUs with tensor cores)."""
+    compile: bool = False
+    """torch.compile the UNet (first windows are slow while it compiles; pays off on long videos)."""
 
     def __post_init__(self) -> None:
         check_choice("upscale", "dtype", self.dtype, DTYPES)

@@ -95,6 +95,11 @@ class Upscaler:
             vae.enable_tiling()
             vae.tile_sample_min_size = cfg.vae_tile_size
             vae.tile_latent_min_size = cfg.vae_tile_size // 8
+        if cfg.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.unet = torch.compile(model.unet)
 
     # ------------------------------------------------------------------ frames
     def _prepare(self, lq: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -77,8 +77,9 @@ class DLoRALModule(L.LightningModule):
         self._last_phase: str | None = None
         self._t_last = time.perf_counter()
         self._generator: torch.Generator | None = None
-        self._loss_window: dict[str, float] = {}
-        self._loss_window_count = 0
+        self._with_metrics = False
+        self._loss_window: dict[str, tuple[float, int]] = {}
+        """Sum and count per loss term since the last log line."""
         self._pending_rng: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- set-up
@@ -107,6 +108,8 @@ class DLoRALModule(L.LightningModule):
         if position == 0:
             self._enter_step(spec, opt.optimizer if hasattr(opt, "optimizer") else opt)
 
+        # The Farneback metric runs on the CPU: only for the micro-batch whose step is logged.
+        self._with_metrics = last and (self.optimizer_step + 1) % max(self.trainer_cfg.log_every, 1) == 0
         losses = self.compute_losses(batch, spec)
         total = losses["loss"]
         finite = all_ranks_finite(total.detach(), self.trainer.strategy)
@@ -192,7 +195,7 @@ class DLoRALModule(L.LightningModule):
         total = sum(float(w.get(k, 0.0)) * v.float() for k, v in terms.items())
         result = {f"loss_{k}": v.detach() for k, v in terms.items()}
         result["loss"] = total
-        if self.loss_cfg.temporal.log_farneback and pred.shape[1] >= 2:
+        if self._with_metrics and self.loss_cfg.temporal.log_farneback and pred.shape[1] >= 2:
             result["metric_farneback"] = torch.tensor(
                 farneback_flow_metric(pred[:, 0].detach(), pred[:, 1].detach(), gt[:, 0], gt[:, 1]))
         return result
@@ -236,15 +239,15 @@ class DLoRALModule(L.LightningModule):
         # of a few clips is too noisy to show a trend).
         for k, v in losses.items():
             if v.numel() == 1 and torch.isfinite(v).all():
-                self._loss_window[k] = self._loss_window.get(k, 0.0) + float(v.detach())
-        self._loss_window_count += 1
+                total, count = self._loss_window.get(k, (0.0, 0))
+                self._loss_window[k] = (total + float(v.detach()), count + 1)
         if not self.at_step_boundary or self.optimizer_step % max(self.trainer_cfg.log_every, 1):
             return
         now = time.perf_counter()
         steps = max(self.trainer_cfg.log_every, 1)
         clips = batch["hr"].shape[0] * self.optim_cfg.accumulate * steps * self.trainer.world_size
-        metrics = {f"train/{k}": v / self._loss_window_count for k, v in self._loss_window.items()}
-        self._loss_window, self._loss_window_count = {}, 0
+        metrics = {f"train/{k}": total / count for k, (total, count) in self._loss_window.items()}
+        self._loss_window = {}
         metrics.update({f"train/weight_{k}": float(v) for k, v in spec.weights.items()})
         metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
         metrics["train/optimizer_step"] = float(self.optimizer_step)
