@@ -75,6 +75,9 @@ class DLoRALModule(L.LightningModule):
             "zero_lr" if trainer.strategy.startswith("deepspeed") else "drop_grad")
         self._step_poisoned = False
         self._last_phase: str | None = None
+        self._active_phase = "consistency"
+        """Phase of the optimizer step being taken (read in on_before_optimizer_step)."""
+        self._grad_norms: dict[str, float] = {}
         self._t_last = time.perf_counter()
         self._generator: torch.Generator | None = None
         self._with_metrics = False
@@ -152,10 +155,11 @@ class DLoRALModule(L.LightningModule):
     def _finish_step(self, opt: Any, spec: PhaseSpec) -> None:
         if self._step_poisoned:
             opt.zero_grad(set_to_none=True)
-            self.nonfinite.update(False)  # raises after max_nonfinite_steps in a row
+            self._grad_norms = {}
+            self.nonfinite.update(False, step=self.optimizer_step)  # raises after max_nonfinite_steps in a row
             log.warning("step %d: non-finite loss on some rank; every rank skips this step", self.optimizer_step)
         else:
-            self.nonfinite.update(True)
+            self.nonfinite.update(True, step=self.optimizer_step)
             self._active_phase = spec.phase
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -259,7 +263,7 @@ class DLoRALModule(L.LightningModule):
             metrics.update({f"train/skipped_samples_{reason}": float(n) for reason, n in skipped.items()})
         metrics["train/clips_per_s"] = clips / max(now - self._t_last, 1e-9)
         metrics["train/clips_per_s_per_device"] = metrics["train/clips_per_s"] / self.trainer.world_size
-        for name, norm in getattr(self, "_grad_norms", {}).items():
+        for name, norm in self._grad_norms.items():
             metrics[f"train/grad_norm_{name}"] = norm
         opt = self.optimizers()
         for group in (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups:
