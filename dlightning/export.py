@@ -30,6 +30,7 @@ from dlightning.inference.config import ExportConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import DLoRALGenerator
 from dlightning.models.lora import FAMILY_SUFFIX, set_family_scales
+from dlightning.models.state import copy_tensors
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -87,17 +88,9 @@ def load_trainable(generator: DLoRALGenerator, state_dict: dict[str, torch.Tenso
         MissingWeightsError: A trainable tensor is missing or has the wrong shape.
     """
     own = dict(generator.named_parameters())
-    trainable = {n for n, p in own.items() if p.requires_grad}
+    trainable = sorted(n for n, p in own.items() if p.requires_grad)
     theirs = {k[len("generator."):]: v for k, v in state_dict.items() if k.startswith("generator.")}
-    missing = sorted(trainable - set(theirs))
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in theirs.items()
-             if k in own and v.shape != own[k].shape]
-    if missing or wrong:
-        raise MissingWeightsError(f"checkpoint does not match the generator built from its config: missing "
-                                  f"{missing[:4]} ({len(missing)}), mis-shaped {wrong[:4]}")
-    with torch.no_grad():
-        for k in trainable:
-            own[k].copy_(theirs[k].to(own[k].dtype))
+    copy_tensors(own, theirs, trainable, source="the training checkpoint (generator built from its config)")
 
 
 def generator_from_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None,

@@ -6,7 +6,6 @@ re-executes it for rank 1. Each rank dumps its trainable tensors at every optimi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_probe
 
 # ~30-50 s on two shared cores: two interpreters import torch/diffusers and build the model.
 
@@ -23,19 +23,12 @@ C_END, D_END = 1, 3
 """Consistency steps 0-1, detail steps 2-3, consistency steps 4-5."""
 
 
-def load_probe():
-    """Import tests/helpers/train_probe.py by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_probe", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def ddp_dumps(tmp_path_factory) -> dict[tuple[int, int], dict]:
     root = tmp_path_factory.mktemp("ddp")
     dump = root / "dump"
-    overrides = load_probe().tiny_overrides(root / "run", STEPS, c_end=C_END, d_end=D_END,
+    overrides = train_probe.tiny_overrides(root / "run", STEPS, c_end=C_END, d_end=D_END,
                                extra=["trainer.strategy=ddp", "trainer.devices=2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(HELPER), "--dump", str(dump), *overrides], env=env,

@@ -8,7 +8,6 @@ per parameter) and the module's counters and private RNG.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,20 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import train_probe
 from helpers.state_compare import assert_same_training_state
 from helpers.state_compare import load_checkpoint as _load
 
-HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 N = 8
 C_END, D_END = 2, 5
 
-
-def load_probe():
-    """Import tests/helpers/train_probe.py by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_probe", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ckpt_name(step: int) -> str:
@@ -40,7 +32,7 @@ def _ckpt_name(step: int) -> str:
 
 
 def _fit_command(run_dir: Path, max_steps: int, every: int) -> list[str]:
-    probe = load_probe()
+    probe = train_probe
     extra = [f"trainer.checkpoint_every={every}", "trainer.keep_checkpoints=3"]
     overrides = probe.tiny_overrides(run_dir, max_steps, c_end=C_END, d_end=D_END, extra=extra)
     return [sys.executable, "-m", "dlightning.cli", "fit", "--config", probe.DEMO_CONFIG, *overrides]
@@ -100,7 +92,7 @@ def test_in_process_resume_is_bit_identical(tmp_path):
     from dlightning.config import load_config
     from dlightning.training.run import fit
 
-    probe = load_probe()
+    probe = train_probe
     n, half = 6, 3
 
     def cfg(run_dir: Path, steps: int):

@@ -8,7 +8,6 @@ the moments, and the CLI.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -18,24 +17,17 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import train_probe
 from lightning.pytorch import Callback
 
-HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 GROUPS = ("c_lora", "cfr", "d_lora", "conv_in")
 CLIP = {"c_lora": 1e-3, "cfr": 2e-3, "d_lora": 1.5e-3, "conv_in": 3e-3}
 """Different tiny limits per group, so clipping is active and per group (not one global norm)."""
 BETA1, BETA2 = 0.9, 0.999
 
 
-def load_probe():
-    """Import tests/helpers/train_probe.py by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_probe", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-probe = load_probe()
+probe = train_probe
 
 
 def make_cfg(run_dir: Path, steps: int, *, c_end: int, d_end: int, extra: list[str] | None = None):

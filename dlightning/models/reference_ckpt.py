@@ -20,6 +20,7 @@ import torch
 
 from dlightning.errors import MissingWeightsError
 from dlightning.models.lora import FAMILY_SUFFIX, GROUP_PREFIX, GROUPS
+from dlightning.models.state import copy_tensors
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -108,15 +109,7 @@ def load_reference_checkpoint(generator, path: str | Path, load_base_weights: bo
     own = generator.unet.state_dict()
     wanted = list(own) if load_base_weights else [
         k for k in own if ".lora_" in k or k.startswith("conv_in.")]
-    missing = [k for k in wanted if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wanted
-             if k in sd and sd[k].shape != own[k].shape]
-    if missing or wrong:
-        raise MissingWeightsError(f"{path}: state_dict_unet lacks {len(missing)} keys {missing[:5]} and has "
-                                  f"{len(wrong)} mis-shaped ones {wrong[:5]}")
-    with torch.no_grad():
-        for k in wanted:
-            own[k].copy_(sd[k].to(own[k].dtype))
+    copy_tensors(own, sd, wanted, source=f"{path} (state_dict_unet)")
     generator.cfr.load_reference_state_dict(ckpt["state_dict_bpp"])
     log.info("loaded reference checkpoint %s (%d UNet tensors%s)", path, len(wanted),
              ", base weights included" if load_base_weights else "")
