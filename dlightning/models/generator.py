@@ -180,7 +180,7 @@ class DLoRALGenerator(nn.Module):
         return (fused_cur - (1 - a).sqrt() * unet_out) / a.sqrt()
 
     def denoise(self, up_prev: torch.Tensor, up_cur: torch.Tensor, z_prev: torch.Tensor, z_cur: torch.Tensor,
-                prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                prompt_embeds: torch.Tensor, *, cfr_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """CFR and the UNet on prepared windows: the part of the forward between VAE encode and x0 rule.
 
         Used by :meth:`forward` and by the tiled inference pipeline (one call per latent tile).
@@ -191,6 +191,9 @@ class DLoRALGenerator(nn.Module):
             z_prev: Scaled latents of ``up_prev`` ``(N, 4, H/8, W/8)``.
             z_cur: Scaled latents of ``up_cur``.
             prompt_embeds: ``(N, 77, D)`` text embeddings, one per window.
+            cfr_grad: False skips the backward of the CFR attention (its gradients come out as zeros);
+                the detail phase uses it, as CFR does not train there and nothing upstream of the UNet
+                depends on the UNet's parameters, so every other gradient is unchanged.
 
         Returns:
             ``(fused_cur, unet_out)``, both ``(N, 4, H/8, W/8)`` in the latents' dtype; the clean latent
@@ -198,7 +201,13 @@ class DLoRALGenerator(nn.Module):
         """
         spy_dtype = next(self.cfr.spynet.parameters()).dtype
         flow = self.cfr.compute_flow(up_prev.to(spy_dtype), up_cur.to(spy_dtype)).float()
-        fused, warped = self.cfr(z_prev, z_cur, flow)
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and cfr_grad):
+            fused, warped = self.cfr(z_prev, z_cur, flow)
+        if grad and not cfr_grad:
+            # Keep CFR's tensors in the graph with zero gradient: DDP without find_unused_parameters
+            # expects a gradient for every trainable tensor in every step.
+            fused = fused + 0.0 * sum(p.sum() for p in self.cfr.trainable_parameters())
         timestep = torch.full((z_cur.shape[0],), self.cfg.timestep, device=z_cur.device, dtype=torch.long)
         unet_out = self.unet(torch.cat([warped, fused], dim=1), timestep,
                              encoder_hidden_states=prompt_embeds).sample
@@ -219,7 +228,7 @@ class DLoRALGenerator(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, lq: torch.Tensor, prompt_embeds: torch.Tensor,
-                targets: Sequence[int] | None = None) -> GeneratorOutput:
+                targets: Sequence[int] | None = None, *, cfr_grad: bool = True) -> GeneratorOutput:
         """Super-resolve the target frames of LR clips.
 
         Args:
@@ -227,6 +236,7 @@ class DLoRALGenerator(nn.Module):
             prompt_embeds: ``(B, 77, D)`` text embeddings (:meth:`encode_prompts`).
             targets: Frame indices to produce (default every frame); frame t uses frame max(t - 1, 0) as
                 its previous frame.
+            cfr_grad: see :meth:`denoise` (False in the detail phase of training).
 
         Returns:
             GeneratorOutput with ``images (B, K, 3, H, W)`` and ``latents (B, K, 4, H/8, W/8)``.
@@ -243,7 +253,7 @@ class DLoRALGenerator(nn.Module):
         latents = self.encode_latents(up.flatten(0, 1)).unflatten(0, (b, len(needed)))
         fused, unet_out = self.denoise(up[:, prev_idx].flatten(0, 1), up[:, cur_idx].flatten(0, 1),
                                        latents[:, prev_idx].flatten(0, 1), latents[:, cur_idx].flatten(0, 1),
-                                       prompt_embeds.repeat_interleave(k, dim=0))
+                                       prompt_embeds.repeat_interleave(k, dim=0), cfr_grad=cfr_grad)
         z = self.to_x0(fused, unet_out)
         images = self.decode_latents(z)
         return GeneratorOutput(images=images.unflatten(0, (b, k)), latents=z.unflatten(0, (b, k)))

@@ -186,7 +186,8 @@ class DLoRALModule(L.LightningModule):
         frames = hr.shape[1]
         targets = list(range(1, frames))
         embeds = self.generator.encode_prompts(list(batch["caption"]))
-        out = self.generator(lq, embeds, targets=targets)
+        # CFR does not train in the detail phase: skip its attention backward there.
+        out = self.generator(lq, embeds, targets=targets, cfr_grad="cfr" in ACTIVE_GROUPS[spec.phase])
         pred, gt = out.images, hr[:, 1:]
         w = spec.weights
         terms: dict[str, torch.Tensor] = {}
