@@ -59,6 +59,15 @@ class RootConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
+        if self.trainer.strategy.startswith("deepspeed"):
+            # ZeRO-2 partitions gradients: DDP-style no_sync accumulation and per-group gradient dropping
+            # are not available there (INTEGRATION.md C1).
+            if self.optim.accumulate != 1:
+                raise ConfigError("optim.accumulate must be 1 under trainer.strategy=deepspeed_*: raise "
+                                  "data.batch_size instead, or use trainer.strategy=ddp")
+            if self.optim.mask_mode == "drop_grad":
+                raise ConfigError("optim.mask_mode=drop_grad cannot work under DeepSpeed ZeRO (gradients are "
+                                  "partitioned); use auto or zero_lr")
         if self.data.scale != self.model.scale:
             raise ConfigError(
                 f"data.scale={self.data.scale} differs from model.scale={self.model.scale}; set both to "

@@ -107,3 +107,12 @@ def test_later_files_and_overrides_win(tmp_path):
     cfg = load_config([first, second], ["optim.eps=1e-6"])
     assert (cfg.optim.lr, cfg.optim.accumulate, cfg.optim.eps) == (2e-3, 4, 1e-6)
     assert cfg.optim.betas == [0.9, 0.999]  # untouched defaults stay
+
+
+def test_deepspeed_rejects_what_zero2_cannot_do():
+    with pytest.raises(ConfigError, match="optim.accumulate"):
+        load_config([], ["trainer.strategy=deepspeed_stage_2", "optim.accumulate=2"])
+    with pytest.raises(ConfigError, match="mask_mode"):
+        load_config([], ["trainer.strategy=deepspeed_stage_2", "optim.mask_mode=drop_grad"])
+    cfg = load_config([], ["trainer.strategy=deepspeed_stage_2"])
+    assert cfg.optim.accumulate == 1 and cfg.optim.mask_mode == "auto"
