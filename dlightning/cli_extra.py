@@ -31,7 +31,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 _UPSCALE_OPTIONS = ("batch_windows", "tile_size", "tile_overlap", "vae_tile_size", "color_fix", "prompt", "seed",
-                    "dtype", "device", "max_frames", "min_short_side", "channels_last", "compile")
+                    "dtype", "device", "max_frames", "min_short_side", "channels_last", "compile", "vae_tiling",
+                    "vae_tile_padding")
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -85,6 +86,9 @@ def _upscale_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-size", type=int, help="latent tile side (96)")
     p.add_argument("--tile-overlap", type=int, help="latent tile overlap (32)")
     p.add_argument("--vae-tile-size", type=int, help="pixel tile of the tiled VAE, 0 = off (1536)")
+    p.add_argument("--vae-tiling", choices=["shared_norm", "diffusers"],
+                   help="shared_norm: tiles use whole-frame GroupNorm statistics (default); diffusers: its tiling")
+    p.add_argument("--vae-tile-padding", type=int, help="latent margin around each VAE tile (11)")
     p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="default: the export's")
     p.add_argument("--prompt", help="default: the export's")
     p.add_argument("--seed", type=int, help="seed of sampled VAE latents (42)")

@@ -10,6 +10,7 @@ from dlightning.models.config import check_choice
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COLOR_FIXES = ("adain", "wavelet", "none")
+VAE_TILINGS = ("shared_norm", "diffusers")
 
 
 @dataclass
@@ -47,9 +48,14 @@ class UpscaleConfig:
     tile_overlap: int = 32
     """Latent overlap between neighbouring tiles (blended with Gaussian weights)."""
     vae_tile_size: int = 1536
-    """Pixel tile side of diffusers' tiled VAE, used only for frames larger than it (0 = never tile).
-    Tiles are an approximation (per-tile GroupNorm statistics, docs/INFERENCE.md), so frames that fit
-    in memory stay whole; the reference decodes untiled up to about 1968 px."""
+    """Pixel tile side of the tiled VAE, used only for frames larger than it (0 = never tile). Frames
+    that fit stay whole; the reference decodes untiled up to about 1968 px."""
+    vae_tiling: str = "shared_norm"
+    """shared_norm = tiles share whole-frame GroupNorm statistics and the mid-block attention runs on the
+    whole latent-size map (dlightning/inference/tiled_vae.py; ~exact given the padding); diffusers =
+    diffusers' enable_tiling() (per-tile statistics, blended overlaps; docs/INFERENCE.md)."""
+    vae_tile_padding: int = 11
+    """shared_norm only: margin in latents around every VAE tile (the reference decoder uses 11)."""
     color_fix: str | None = None
     """adain | wavelet | none; None = the export's default."""
     prompt: str | None = None
@@ -73,14 +79,16 @@ class UpscaleConfig:
 
     def __post_init__(self) -> None:
         check_choice("upscale", "dtype", self.dtype, DTYPES)
+        check_choice("upscale", "vae_tiling", self.vae_tiling, VAE_TILINGS)
         if self.color_fix is not None:
             check_choice("upscale", "color_fix", self.color_fix, COLOR_FIXES)
         if self.batch_windows < 1:
             raise ConfigError("upscale.batch_windows must be >= 1")
         if self.tile_size < 8 or not 0 <= self.tile_overlap < self.tile_size:
             raise ConfigError("upscale.tile_size must be >= 8 and 0 <= upscale.tile_overlap < tile_size")
-        if self.max_frames < 0 or self.min_short_side < 0 or self.vae_tile_size < 0:
-            raise ConfigError("upscale.max_frames, min_short_side and vae_tile_size must be >= 0")
+        if min(self.max_frames, self.min_short_side, self.vae_tile_size, self.vae_tile_padding) < 0:
+            raise ConfigError("upscale.max_frames, min_short_side, vae_tile_size and vae_tile_padding "
+                              "must be >= 0")
 
 
 @dataclass

@@ -5,16 +5,19 @@ does. Windows are batched (``batch_windows`` per UNet call). Per frame (METHOD.m
 
 1. RGB uint8 -> [-1, 1]; a frame whose short side is below ``min_short_side`` is first bicubic-enlarged
    so that its short side equals it; then replicate-padded so that ``side * scale`` is a multiple of 8.
-2. Generator pieces: bicubic x scale, VAE encode (diffusers tiled VAE above ``vae_tile_size`` px),
-   CFR + UNet (:meth:`denoise`, latent tiles with Gaussian blending when the latent area exceeds
-   ``tile_size^2``; tile starts on the UNet's downsampling grid), x0 rule, VAE decode. Both tilings
-   approximate the whole-frame result (docs/INFERENCE.md has the measured differences).
+2. Generator pieces: bicubic x scale, VAE encode (tiled above ``vae_tile_size`` px: shared GroupNorm
+   statistics by default, :mod:`~dlightning.inference.tiled_vae`, or diffusers' tiling), CFR + UNet
+   (:meth:`denoise`, latent tiles with Gaussian blending when the latent area exceeds ``tile_size^2``;
+   tile starts on the UNet's downsampling grid), x0 rule, VAE decode (tiled as the encode). Latent
+   tiling and diffusers' VAE tiling approximate the whole-frame result; the shared-statistics VAE
+   tiling matches it up to the receptive field beyond its padding (docs/INFERENCE.md has the numbers).
 3. Colour fix against the bicubic-upsampled LQ, crop the padding, and resize to exactly
    ``scale x original size`` when the frame was enlarged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dlightning.inference.colorfix import color_fix
 from dlightning.inference.config import UpscaleConfig
+from dlightning.inference.tiled_vae import shared_norm_tiling
 from dlightning.inference.tiling import needs_tiling, tiled_denoise, unet_alignment
 from dlightning.inference.video_io import (
     FrameFolderWriter,
@@ -90,7 +94,7 @@ class Upscaler:
         self.device, self.dtype = param.device, param.dtype
         self._pad_multiple = 8 // math.gcd(8, self.scale)
         self._tile_align = unet_alignment(model)
-        if cfg.vae_tile_size > 0:
+        if cfg.vae_tile_size > 0 and cfg.vae_tiling == "diffusers":
             vae = model.vae
             vae.enable_tiling()
             vae.tile_sample_min_size = cfg.vae_tile_size
@@ -121,13 +125,19 @@ class Upscaler:
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
+    def _vae_tiling(self):
+        """Shared-statistics VAE tiling for frames above ``vae_tile_size`` (diffusers' is set up in __init__)."""
+        if self.cfg.vae_tiling != "shared_norm" or self.cfg.vae_tile_size == 0:
+            return contextlib.nullcontext()
+        return shared_norm_tiling(self.model.vae, self.cfg.vae_tile_size, self.cfg.vae_tile_padding)
+
     @torch.inference_mode()
     def _run_chunk(self, lq: torch.Tensor, targets: list[int], prevs: list[int], orig: tuple[int, int],
                    ) -> list[np.ndarray]:
         """Frames ``targets`` of the LR chunk ``lq (F, 3, h, w)`` in [-1, 1] -> RGB uint8 HR frames."""
         model, s = self.model, self.scale
         padded, (h2, w2) = self._prepare(lq)
-        with self._autocast():
+        with self._autocast(), self._vae_tiling():
             up = model.upsample_lq(padded)
             z = model.encode_latents(up.to(self.dtype))
             embeds = model.encode_prompts([self.prompt] * len(targets)).to(self.dtype)

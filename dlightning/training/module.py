@@ -87,9 +87,11 @@ class DLoRALModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- set-up
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One AdamW with a named group per trainable part (see dlightning.training.optim)."""
         return build_optimizer(self.generator.parameter_groups(), self.optim_cfg)
 
     def on_fit_start(self) -> None:
+        """Cast the frozen parts to the autocast dtype (trainable tensors stay fp32)."""
         precision = str(self.trainer.precision)
         if "bf16" in precision:
             self.generator.cast_frozen(torch.bfloat16)
@@ -103,6 +105,7 @@ class DLoRALModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One micro-batch: losses of the current phase, backward, and the step on its last micro-batch."""
         spec = phase_at(self.optimizer_step, self.schedule_cfg)
         accumulate = self.optim_cfg.accumulate
         position = self.micro_step % accumulate
@@ -168,7 +171,7 @@ class DLoRALModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called by the precision plugin after gradients are unscaled (fp16), right before the step.
+        """Drop the inactive groups' gradients and clip each group (after fp16 unscaling)."""
         if self.mask_mode == "drop_grad":
             drop_inactive_gradients(optimizer, self._active_phase)
         self._grad_norms = clip_group_norms(optimizer, self.optim_cfg.clip_norm)
@@ -280,6 +283,7 @@ class DLoRALModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trainable tensors and add counters, RNG states and the resolved config."""
         keep = set(self.trainable_state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[CKPT_KEY] = {
@@ -293,6 +297,7 @@ class DLoRALModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check every trainable tensor is present and restore counters and RNG states."""
         missing = set(self.trainable_state_dict()) - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
