@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -156,3 +157,80 @@ def test_unknown_preset_and_override_are_config_errors() -> None:
         deg.get_preset("nope")
     with pytest.raises(ConfigError):
         deg.get_preset("realesrgan", {"stage1": {"not_a_field": 1}})
+
+
+def _reference_cdf(lam: float, n: int = 448) -> np.ndarray:
+    """P(count <= k): exact Poisson below the threshold, rounded (clipped) normal above; via math."""
+    k = np.arange(n)
+    if lam < deg.POISSON_NORMAL_ABOVE:
+        if lam == 0:
+            return np.ones(n)
+        logpmf = [-lam + i * math.log(lam) - math.lgamma(i + 1) for i in k]
+        return np.cumsum(np.exp(logpmf))
+    return np.array([0.5 * (1 + math.erf((i + 0.5 - lam) / math.sqrt(2 * lam))) for i in k])
+
+
+@pytest.mark.parametrize("photons", [1, 16, 256])
+def test_sample_counts_follow_the_inverse_cdf_of_their_cell(photons: int) -> None:
+    # Mixed levels cover lam from 0 up to 256 (both the Poisson and the rounded-normal regimes).
+    levels = np.random.default_rng(1).integers(0, 256, (300, 301), dtype=np.uint8)
+    counts = deg.sample_counts(levels, photons, np.random.default_rng(5)).ravel()
+    words = np.random.default_rng(5).bit_generator.random_raw(-(-levels.size // 4))
+    cells = (words.view(np.uint16)[: levels.size] >> 4).astype(np.float64)  # 12-bit cell of each uniform
+    flat = levels.ravel()
+    for q in np.unique(flat):
+        sel = flat == q
+        cdf = _reference_cdf(int(q) * photons / 255.0)
+        lo = np.searchsorted(cdf, cells[sel] / 4096, side="right")
+        hi = np.searchsorted(cdf, (cells[sel] + 1) / 4096, side="right")
+        assert np.all((lo <= counts[sel]) & (counts[sel] <= hi)), f"level {q}"
+
+
+@pytest.mark.parametrize("level,photons", [(1, 256), (100, 16), (150, 64), (200, 256)])
+def test_sample_counts_pmf(level: int, photons: int) -> None:
+    from scipy import stats
+
+    lam = level * photons / 255.0
+    counts = deg.sample_counts(np.full(200_000, level, dtype=np.uint8), photons, np.random.default_rng(2))
+    pmf = np.diff(np.concatenate([[0.0], _reference_cdf(lam)]))
+    expected = pmf * counts.size
+    keep = expected >= 20  # chi-square needs populated bins; lump the rest into one
+    observed = np.bincount(counts, minlength=pmf.size)[: pmf.size]
+    obs = np.append(observed[keep], counts.size - observed[keep].sum())
+    exp = np.append(expected[keep], counts.size - expected[keep].sum())
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_sample_counts_moments_and_zero_rate() -> None:
+    rng = np.random.default_rng(0)
+    for level, photons in [(0, 256), (3, 16), (200, 64), (160, 256)]:
+        lam = level * photons / 255.0
+        c = deg.sample_counts(np.full(100_000, level, dtype=np.uint8), photons, rng).astype(np.float64)
+        assert c.mean() == pytest.approx(lam, abs=0.02 + 0.01 * lam)
+        assert c.var() == pytest.approx(lam, abs=0.02 + 0.03 * lam)
+    with pytest.raises(ValueError, match="photons"):
+        deg.sample_counts(np.zeros(4, dtype=np.uint8), 512, rng)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "sinc", "size": 21, "omega_c": 1.3},
+        {"type": "sinc", "size": 13, "omega_c": 2.0},
+        {"type": "sinc", "size": 7, "omega_c": 2.5},
+        {"type": "iso", "size": 15, "sigma_x": 2.0, "sigma_y": 2.0, "theta": 0.0},
+        {"type": "plateau_aniso", "size": 21, "sigma_x": 3.0, "sigma_y": 1.0, "theta": 0.7, "beta": 1.5},
+        {"type": "aniso", "size": 9, "sigma_x": 2.5, "sigma_y": 0.6, "theta": 0.4},
+        {"type": "aniso", "size": 21, "sigma_x": 1.5, "sigma_y": 1.0, "theta": 0.4},  # 5 separable terms
+        {"type": "identity", "size": 21},
+    ],
+)
+def test_prepared_kernel_filters_like_the_padded_kernel(spec: dict) -> None:
+    import cv2
+
+    from dlightning.data import kernels
+
+    img = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
+    ref = cv2.filter2D(img, -1, kernels.build_kernel(spec).astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
+    out = deg.blur(img, deg.prepare_kernel(spec))
+    np.testing.assert_allclose(out, ref, atol=2e-4)
