@@ -72,15 +72,9 @@ def randomize_trainables():
 @pytest.fixture
 def stub_scontrol(tmp_path):
     """A fake ``scontrol``, first on PATH, that appends its arguments to a log file: (bin_dir, log)."""
-    import stat
+    from helpers.stubs import make_stub_command
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    script = bin_dir / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return bin_dir, log
+    return make_stub_command(tmp_path, "scontrol")
 
 
 @pytest.fixture(autouse=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.stubs import make_stub_command
 
 from dlightning.config import load_config
 from dlightning.errors import ConfigError
@@ -125,12 +125,7 @@ def test_launch_config_validation(kw: dict, match: str) -> None:
 
 @pytest.fixture
 def stub_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch.log"
-    script = bin_dir / "sbatch"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\necho "Submitted batch job 123"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    bin_dir, log = make_stub_command(tmp_path, "sbatch", reply="Submitted batch job 123")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
 

@@ -130,31 +130,33 @@ def _check_norm_out(norm: nn.Module) -> nn.GroupNorm:
     return norm
 
 
+def _block_ops(blocks: nn.ModuleList, samplers: str, kind: str) -> list:
+    """Resnets then up/down-samplers of each block; blocks with attention are refused."""
+    ops: list = []
+    for block in blocks:
+        if getattr(block, "attentions", None):
+            raise ValueError(f"tiled VAE: {kind} blocks with attention are unsupported; "
+                             "use upscale.vae_tiling=diffusers")
+        for res in block.resnets:
+            ops += _resnet_ops(res)
+        ops += [_apply(sampler) for sampler in getattr(block, samplers) or []]
+    return ops
+
+
+def _tail_ops(coder: nn.Module) -> list:
+    return [_Norm(_check_norm_out(coder.conv_norm_out)), _apply(coder.conv_act), _apply(coder.conv_out)]
+
+
 def decoder_program(decoder: nn.Module) -> list:
     """The ops of a diffusers VAE ``Decoder`` (without ``latent_embeds``) in execution order."""
-    ops = [_apply(decoder.conv_in)] + _mid_ops(decoder.mid_block)
-    for up in decoder.up_blocks:
-        if getattr(up, "attentions", None):
-            raise ValueError("tiled VAE: up blocks with attention are unsupported; use upscale.vae_tiling=diffusers")
-        for res in up.resnets:
-            ops += _resnet_ops(res)
-        for upsampler in up.upsamplers or []:
-            ops.append(_apply(upsampler))
-    return ops + [_Norm(_check_norm_out(decoder.conv_norm_out)), _apply(decoder.conv_act), _apply(decoder.conv_out)]
+    return ([_apply(decoder.conv_in)] + _mid_ops(decoder.mid_block)
+            + _block_ops(decoder.up_blocks, "upsamplers", "up") + _tail_ops(decoder))
 
 
 def encoder_program(encoder: nn.Module) -> list:
     """The ops of a diffusers VAE ``Encoder`` in execution order."""
-    ops = [_apply(encoder.conv_in)]
-    for down in encoder.down_blocks:
-        if getattr(down, "attentions", None):
-            raise ValueError("tiled VAE: down blocks with attention are unsupported; use upscale.vae_tiling=diffusers")
-        for res in down.resnets:
-            ops += _resnet_ops(res)
-        for downsampler in down.downsamplers or []:
-            ops.append(_apply(downsampler))
-    ops += _mid_ops(encoder.mid_block)
-    return ops + [_Norm(_check_norm_out(encoder.conv_norm_out)), _apply(encoder.conv_act), _apply(encoder.conv_out)]
+    return ([_apply(encoder.conv_in)] + _block_ops(encoder.down_blocks, "downsamplers", "down")
+            + _mid_ops(encoder.mid_block) + _tail_ops(encoder))
 
 
 # --------------------------------------------------------------------------------------------- executor
