@@ -68,6 +68,10 @@ class RootConfig:
             if self.optim.mask_mode == "drop_grad":
                 raise ConfigError("optim.mask_mode=drop_grad cannot work under DeepSpeed ZeRO (gradients are "
                                   "partitioned); use auto or zero_lr")
+            from dlightning.training.deepspeed_zero import check_deepspeed_precision, global_clip_norm
+
+            check_deepspeed_precision(self.trainer.precision)
+            global_clip_norm(self.optim.clip_norm)
         if self.data.scale != self.model.scale:
             raise ConfigError(
                 f"data.scale={self.data.scale} differs from model.scale={self.model.scale}; set both to "

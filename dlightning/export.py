@@ -31,6 +31,7 @@ from dlightning.models.config import ModelConfig
 from dlightning.models.generator import DLoRALGenerator
 from dlightning.models.lora import FAMILY_SUFFIX, set_family_scales
 from dlightning.models.state import copy_tensors
+from dlightning.training.checkpointing import read_checkpoint_payload
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,7 +55,8 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     """Trainable tensors and resolved config of a dlightning training checkpoint.
 
     Args:
-        path: A ``.ckpt`` written by the trainer (read with ``weights_only=True``).
+        path: A ``.ckpt`` written by the trainer, a file or a DeepSpeed directory (read with
+            ``weights_only=True``).
 
     Returns:
         ``(state_dict, config)``: tensors under ``generator.<...>`` keys and the RootConfig as a dict.
@@ -63,9 +65,9 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         MissingWeightsError: The file is absent or not a dlightning training checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingWeightsError(f"checkpoint {str(path)!r} not found; pass a .ckpt from <run_dir>/checkpoints")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint_payload(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("dlightning", {}):
         raise MissingWeightsError(f"{path} is not a dlightning training checkpoint (no state_dict or "
                                   "dlightning.config); for the authors' model.pkl use --reference-pkl")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
@@ -118,9 +120,51 @@ def test_torchrun_environment_wins_over_slurm(slurm_env: dict[str, str]) -> None
     assert len(plugins) == 1 and isinstance(plugins[0], TorchElasticEnvironment)
 
 
-def test_deepspeed_refuses_cpu() -> None:
-    with pytest.raises(ConfigError, match="CUDA"):
-        build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cpu"))
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_on_cpu_selects_its_cpu_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlightning.training.deepspeed_zero import AutocastDeepSpeedPrecision, DLoRALDeepSpeedStrategy
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    strategy = build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cpu", devices=2,
+                                   precision="bf16-mixed"), batch_size=3,
+                              clip_norm={"c_lora": 0.5, "cfr": 0.5, "d_lora": 0.5, "conv_in": 0.5})
+    assert isinstance(strategy, DLoRALDeepSpeedStrategy)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    config = strategy.config
+    assert config["train_micro_batch_size_per_gpu"] == 3  # our loader has no batch sampler to read it from
+    assert config["gradient_clipping"] == 0.5
+    # DeepSpeed's own bf16 mode would cast the whole module (LPIPS, trainables) to bf16
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    plugin = strategy.precision_plugin
+    assert isinstance(plugin, AutocastDeepSpeedPrecision)
+    batch = {"hr": torch.zeros(2, dtype=torch.float32)}
+    assert plugin.convert_input(batch)["hr"].dtype == torch.float32
+    with plugin.forward_context():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize(("clip_norm", "expected"), [
+    ({"c_lora": 0.0, "cfr": 0.0, "d_lora": 0.0, "conv_in": 0.0}, 0.0),
+    ({"c_lora": 1.0, "cfr": 1.0, "d_lora": 1.0, "conv_in": 1.0}, 1.0),
+    ({}, 0.0),
+])
+def test_global_clip_norm(clip_norm: dict[str, float], expected: float) -> None:
+    from dlightning.training.deepspeed_zero import global_clip_norm
+
+    assert global_clip_norm(clip_norm) == expected
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["optim.clip_norm={c_lora: 0, cfr: 0, d_lora: 1.0, conv_in: 0}"], "one global norm"),
+    (["trainer.precision=16-mixed"], "bf16-mixed or 32-true"),
+    (["optim.accumulate=2"], "optim.accumulate must be 1"),
+    (["optim.mask_mode=drop_grad"], "drop_grad"),
+])
+def test_deepspeed_config_errors_name_the_fix(overrides: list[str], fragment: str) -> None:
+    from dlightning.config import load_config
+
+    with pytest.raises(ConfigError, match=fragment):
+        load_config([], ["trainer.strategy=deepspeed_stage_2", *overrides])
 
 
 def test_deepspeed_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:

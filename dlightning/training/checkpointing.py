@@ -12,12 +12,19 @@ Contract with the LightningModule (any module works with these pieces):
   callbacks').
 * Checkpoints hold only plain types and tensors so that ``torch.load(weights_only=True)`` reads them;
   the resolver validates with exactly that call.
+
+Under DeepSpeed a checkpoint is a directory (``latest`` names a tag folder holding
+``mp_rank_00_model_states.pt`` with the trainable weights and our block, and one
+``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank). :func:`save_checkpoint_atomically` writes
+it under ``<name>.tmp`` and renames it once every rank has finished, so a crash never leaves a
+half-written directory under a checkpoint name; the resolver checks every part is there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -178,19 +185,62 @@ def _inspect_checkpoint(path: Path) -> _Candidate | None:
     return _Candidate(path, step, path.stat().st_mtime)
 
 
+def _inspect_sharded_checkpoint(path: Path) -> _Candidate | None:
+    """Validate a DeepSpeed checkpoint directory: tag, model states with our block, one optimizer shard
+    per rank."""
+    try:
+        states_path = sharded_model_states(path)
+        states = torch.load(states_path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        log.warning("Ignoring checkpoint directory %s (%s: %s)", path, type(err).__name__, err)
+        return None
+    block = states.get(BLOCK_KEY) if isinstance(states, dict) else None
+    step = block.get("optimizer_step") if isinstance(block, dict) else None
+    if "module" not in states or isinstance(step, bool) or not isinstance(step, int):
+        log.warning("Ignoring checkpoint directory %s: no weights or no %s.optimizer_step", path, BLOCK_KEY)
+        return None
+    world = int(states.get("dp_world_size", 1))
+    shards = [states_path.parent / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    missing = [s.name for s in shards if not s.is_file() or s.stat().st_size == 0]
+    if missing:
+        log.warning("Ignoring checkpoint directory %s: optimizer shards missing or empty: %s", path, missing)
+        return None
+    return _Candidate(path, step, states_path.stat().st_mtime)
+
+
+def sharded_model_states(path: str | os.PathLike[str]) -> Path:
+    """``mp_rank_00_model_states.pt`` of a DeepSpeed checkpoint directory (via its ``latest`` tag).
+
+    Raises:
+        FileNotFoundError: the directory has no ``latest`` file or no model states under that tag.
+    """
+    folder = Path(path)
+    tag = (folder / "latest").read_text(encoding="utf-8").strip()
+    states = folder / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise FileNotFoundError(f"{states} does not exist")
+    return states
+
+
+def read_checkpoint_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a training checkpoint (file or DeepSpeed directory) as ``{"state_dict", "dlightning", ...}``.
+
+    The state dict holds the trainable tensors under the LightningModule's parameter names.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    states = torch.load(sharded_model_states(path), map_location="cpu", weights_only=True)
+    return {**states, "state_dict": states["module"]}
+
+
 def list_valid_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """All valid checkpoints of a run as ``(path, optimizer_step)``, oldest first (step, then mtime)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    paths = sorted({p for pattern in _CANDIDATE_GLOBS for p in folder.glob(pattern) if p.is_file()})
-    for skipped in sorted(p for p in folder.glob("*.ckpt") if p.is_dir()):
-        log.warning(
-            "Ignoring %s: directory (sharded, e.g. DeepSpeed) checkpoints are not resolved "
-            "automatically; pass the path explicitly as ckpt_path",
-            skipped,
-        )
-    candidates = [c for c in map(_inspect_checkpoint, paths) if c is not None]
+    paths = sorted({p for pattern in _CANDIDATE_GLOBS for p in folder.glob(pattern)})
+    candidates = [c for p in paths if (c := _inspect_sharded_checkpoint(p) if p.is_dir() else _inspect_checkpoint(p))]
     candidates.sort(key=lambda c: (c.optimizer_step, c.mtime))
     return [(str(c.path), c.optimizer_step) for c in candidates]
 
@@ -199,8 +249,10 @@ def resolve_resume_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
     """Pick the checkpoint to resume from: the newest valid one in ``<run_dir>/checkpoints``.
 
     Candidates are ``hpc_ckpt_*.ckpt``, ``last.ckpt``, ``step-*.ckpt``, ``on_exception.ckpt`` and
-    ``preempt-*.ckpt``. A candidate is valid when ``torch.load(weights_only=True)`` reads it and it has
-    ``state_dict``, ``optimizer_states`` and a ``dlightning`` block with an int ``optimizer_step``.
+    ``preempt-*.ckpt``. A file is valid when ``torch.load(weights_only=True)`` reads it and it has
+    ``state_dict``, ``optimizer_states`` and a ``dlightning`` block with an int ``optimizer_step``; a
+    DeepSpeed directory when its model states load that way with the block and every rank's optimizer
+    shard is there.
     Unreadable, truncated or foreign files are skipped with a warning, ``*.tmp`` files are never
     considered. The newest is the highest ``optimizer_step``, ties broken by modification time.
     Unlike Lightning's ``ckpt_path="last"`` this also sees SLURM (``hpc_ckpt_*``) and preemption files.
@@ -288,14 +340,15 @@ class StepCheckpoint(Callback):
         ensure_dlightning_block(checkpoint, pl_module)
 
     def save(self, trainer: Trainer, step: int) -> None:
-        """Write ``step-N.ckpt``, refresh ``last.ckpt`` and prune; call on all ranks."""
+        """Write ``step-N.ckpt``, refresh ``last.ckpt`` (files only) and prune; call on all ranks.
+
+        A sharded (DeepSpeed) run gets no ``last.ckpt``: copying a directory atomically costs a second
+        full write, and the resolver finds the newest step directory by itself.
+        """
         path = self.dirpath / step_checkpoint_name(step)
-        trainer.save_checkpoint(path, weights_only=False)
+        save_checkpoint_atomically(trainer, path)
         self._last_saved = step
-        if _is_sharded(trainer):
-            # directory checkpoints have no cheap atomic copy: write last.ckpt again
-            trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
-        elif trainer.is_global_zero:
+        if not _is_sharded(trainer) and trainer.is_global_zero:
             atomic_copy(path, self.dirpath / "last.ckpt")
         if trainer.is_global_zero:
             self._prune(step)
@@ -313,6 +366,42 @@ class StepCheckpoint(Callback):
                 _remove_path(old)
         for stale in self.dirpath.glob("*.tmp"):
             _remove_path(stale)
+
+
+def save_checkpoint_atomically(trainer: Trainer, path: str | os.PathLike[str]) -> None:
+    """``trainer.save_checkpoint(path)`` on every rank, all-or-nothing for files and directories alike.
+
+    A file goes through the strategy's checkpoint IO (:class:`AtomicCheckpointIO`). A sharded
+    checkpoint directory is written by all ranks to ``<path>.tmp``; after a barrier rank 0 fsyncs it
+    and renames it to ``path``.
+    """
+    path = Path(path)
+    if not _is_sharded(trainer):
+        trainer.save_checkpoint(path, weights_only=False)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    strategy = trainer.strategy
+    if trainer.is_global_zero and tmp.exists():
+        _remove_path(tmp)
+    strategy.barrier("dlightning_checkpoint_tmp_clear")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    strategy.barrier("dlightning_checkpoint_written")
+    if trainer.is_global_zero:
+        _fsync_tree(tmp)
+        if path.exists():
+            _remove_path(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    strategy.barrier("dlightning_checkpoint_renamed")
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder below ``folder`` (so the rename publishes complete data)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(root))
 
 
 def _is_sharded(trainer: Trainer) -> bool:

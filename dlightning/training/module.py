@@ -91,7 +91,12 @@ class DLoRALModule(L.LightningModule):
         return build_optimizer(self.generator.parameter_groups(), self.optim_cfg)
 
     def on_fit_start(self) -> None:
-        """Cast the frozen parts to the autocast dtype (trainable tensors stay fp32)."""
+        """Check the masking suits the strategy; cast the frozen parts to the autocast dtype (trainable
+        tensors stay fp32)."""
+        if self._deepspeed is not None and self.mask_mode == "drop_grad":
+            # ZeRO keeps gradients in its own partitioned buffers: dropping p.grad would change nothing.
+            raise RuntimeError("optim.mask_mode=drop_grad cannot hold groups still under DeepSpeed; use "
+                               "optim.mask_mode=auto or zero_lr")
         precision = str(self.trainer.precision)
         if "bf16" in precision:
             self.generator.cast_frozen(torch.bfloat16)
@@ -166,15 +171,29 @@ class DLoRALModule(L.LightningModule):
             self._active_phase = spec.phase
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self._deepspeed is not None:
+                norm = self._deepspeed.get_global_grad_norm()
+                self._grad_norms = {"global": float(norm)} if norm is not None else {}
         self.optimizer_step += 1
         if self.optimizer_step >= self.trainer_cfg.max_steps:
             self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the inactive groups' gradients and clip each group (after fp16 unscaling)."""
+        """Drop the inactive groups' gradients and clip each group (after fp16 unscaling).
+
+        Under DeepSpeed the engine clips one global norm inside its step (gradients are partitioned).
+        """
+        if self._deepspeed is not None:
+            return
         if self.mask_mode == "drop_grad":
             drop_inactive_gradients(optimizer, self._active_phase)
         self._grad_norms = clip_group_norms(optimizer, self.optim_cfg.clip_norm)
+
+    @property
+    def _deepspeed(self) -> Any:
+        """The DeepSpeed engine when training under DeepSpeed, else None."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "deepspeed_engine", None) if trainer is not None else None
 
     def _no_sync(self):
         """DDP gradient sync is deferred to the last micro-batch of an optimizer step."""
@@ -283,22 +302,33 @@ class DLoRALModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trainable tensors and add counters, RNG states and the resolved config."""
+        """Keep only the trainable tensors and add counters, every rank's RNG states and the config.
+
+        Runs on every rank (Lightning dumps the checkpoint everywhere, rank 0 writes it), so the RNG
+        states of all ranks are gathered here: each rank draws its own CSD noise and timesteps, and a
+        resumed run must continue every rank's stream, not rank 0's.
+        """
         keep = set(self.trainable_state_dict())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        mine = {"rng": _rng_state(), "module_rng": self._rng().get_state()}
         checkpoint[CKPT_KEY] = {
             "optimizer_step": self.optimizer_step,
             "micro_step": self.micro_step,
             "last_phase": self._last_phase,
             "nonfinite": self.nonfinite.state_dict(),
-            "rng": _rng_state(),
-            "module_rng": self._rng().get_state(),
+            **mine,  # rank 0's, kept at the top level for readers of older checkpoints
+            "rng_per_rank": _gather_from_ranks(mine),
             "config": self.config_container,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check every trainable tensor is present and restore counters and RNG states."""
-        missing = set(self.trainable_state_dict()) - set(checkpoint["state_dict"])
+        """Check every trainable tensor is present and restore counters and RNG states.
+
+        DeepSpeed restores the weights itself and hands over a checkpoint without ``state_dict``.
+        """
+        stored = checkpoint.get("state_dict")
+        missing = set(self.trainable_state_dict()) - set(stored) if stored is not None else set()
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         state = checkpoint[CKPT_KEY]
@@ -306,9 +336,27 @@ class DLoRALModule(L.LightningModule):
         self.micro_step = int(state["micro_step"])
         self._last_phase = state["last_phase"]
         self.nonfinite.load_state_dict(state["nonfinite"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.trainer.world_size:
+            mine = per_rank[self.global_rank]
+        else:
+            mine = state
+            if self.trainer.world_size > 1:
+                log.warning("checkpoint holds RNG states of %d ranks, this run has %d: every rank continues "
+                            "rank 0's random stream", len(per_rank), self.trainer.world_size)
+        _set_rng_state(mine["rng"])
         self._generator = None
-        self._pending_rng = state["module_rng"]
+        self._pending_rng = mine["module_rng"]
+
+
+def _gather_from_ranks(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; a one-element list outside a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _rng_state() -> dict[str, Any]:

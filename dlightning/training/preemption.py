@@ -30,6 +30,7 @@ from dlightning.errors import ConfigError
 from dlightning.training.checkpointing import (
     ensure_dlightning_block,
     read_optimizer_step,
+    save_checkpoint_atomically,
     step_checkpoint_name,
 )
 from dlightning.utils.logging import get_logger
@@ -194,7 +195,7 @@ class PreemptionCallback(Callback):
         step = read_optimizer_step(pl_module)
         self.checkpoint_path = self.dirpath / step_checkpoint_name(step, prefix="preempt")
         log.info("Pre-emption signal received: saving %s at optimizer step %d", self.checkpoint_path, step)
-        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+        save_checkpoint_atomically(trainer, self.checkpoint_path)
         if trainer.is_global_zero and requeue:
             job_id = slurm_requeue_target()
             if job_id is None:

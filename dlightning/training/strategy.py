@@ -8,11 +8,12 @@
   phase (DESIGN.md decision 2); a phase only decides which parameter groups step. ``static_graph``
   can be switched on for a little speed.
 * ``ddp_spawn``: the same, with processes started by Lightning (CPU tests only).
-* ``deepspeed_stage_2``: :class:`DeepSpeedStrategy` (ZeRO-2), CUDA only. Limits, from Lightning's
-  DeepSpeed integration: exactly one optimizer (use parameter groups; inactive groups are masked by
-  zeroing their gradients, never by toggling ``requires_grad``, which DeepSpeed fixes at init), no
-  gradient clipping by value, and checkpoints are directories (resolve them explicitly, see
-  :func:`dlightning.training.checkpointing.resolve_resume_checkpoint`).
+* ``deepspeed_stage_2``: :class:`dlightning.training.deepspeed_zero.DLoRALDeepSpeedStrategy` (ZeRO-2)
+  on CUDA, or on CPU for tests and debugging. Limits: exactly one optimizer (parameter groups;
+  inactive groups are held still with lr 0, never by toggling ``requires_grad``, which DeepSpeed
+  fixes at init), ``optim.accumulate=1``, one global clipping norm, ``bf16-mixed`` or ``32-true``,
+  and checkpoints are directories (saved atomically and resolved like files, see
+  :mod:`dlightning.training.checkpointing`).
 """
 
 from __future__ import annotations
@@ -38,20 +39,23 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2")
 
 
 def build_strategy(
-    cfg: TrainerConfig, *, static_graph: bool = False, timeout_s: float | None = None
+    cfg: TrainerConfig, *, static_graph: bool = False, timeout_s: float | None = None, batch_size: int = 1,
+    clip_norm: dict[str, float] | None = None,
 ) -> Strategy | str:
     """Build the Lightning strategy named by ``cfg.strategy``.
 
     Args:
-        cfg: the trainer section (``strategy``, ``accelerator``, ``devices``, ``num_nodes``).
+        cfg: the trainer section (``strategy``, ``accelerator``, ``devices``, ``num_nodes``, ``precision``).
         static_graph: pass ``static_graph=True`` to DDP (the graph is the same every step).
         timeout_s: collective timeout for the process group (Lightning's default when None).
+        batch_size: clips per micro-batch per process (DeepSpeed only).
+        clip_norm: ``optim.clip_norm`` (DeepSpeed only: mapped onto one global limit).
 
     Returns:
         A strategy object, or the string ``"auto"`` for a single process.
 
     Raises:
-        ConfigError: unknown strategy name, DeepSpeed without CUDA or not installed.
+        ConfigError: unknown strategy name; DeepSpeed not installed, or with settings it cannot honour.
     """
     name = cfg.strategy
     if name not in STRATEGIES:
@@ -68,19 +72,25 @@ def build_strategy(
         return DDPStrategy(**ddp_kwargs)
     if name == "ddp_spawn":
         return DDPStrategy(start_method="spawn", **ddp_kwargs)
-    return _build_deepspeed(cfg, timeout=timeout)
+    return _build_deepspeed(cfg, timeout=timeout, batch_size=batch_size, clip_norm=clip_norm or {})
 
 
-def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None) -> Strategy:
-    if cfg.accelerator not in ("cuda", "gpu", "auto") or (
-        cfg.accelerator == "auto" and not torch.cuda.is_available()
-    ):
-        raise ConfigError(
-            f"trainer.strategy=deepspeed_stage_2 needs CUDA GPUs (Lightning's DeepSpeed "
-            "strategy raises on CPU), "
-            f"but trainer.accelerator={cfg.accelerator!r} and CUDA available={torch.cuda.is_available()}; "
-            "use trainer.strategy=ddp on this machine"
-        )
+def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None, batch_size: int,
+                     clip_norm: dict[str, float]) -> Strategy:
+    from dlightning.training.deepspeed_zero import (
+        DLoRALDeepSpeedStrategy,
+        check_deepspeed_precision,
+        global_clip_norm,
+        select_deepspeed_accelerator,
+    )
+
+    if cfg.accelerator not in ("cuda", "gpu", "auto", "cpu"):
+        raise ConfigError(f"trainer.strategy=deepspeed_stage_2 runs on cuda (or cpu for tests), not "
+                          f"trainer.accelerator={cfg.accelerator!r}")
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
+    check_deepspeed_precision(cfg.precision)
+    clip = global_clip_norm(clip_norm)
+    select_deepspeed_accelerator("cpu" if on_cpu else "cuda")
     try:
         import deepspeed  # noqa: F401  (only to give a clear error; Lightning imports it itself)
     except ImportError as err:
@@ -89,12 +99,8 @@ def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None) -> Strate
             "pip install 'dlightning[deepspeed]' "
             "(or use trainer.strategy=ddp)"
         ) from err
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    kwargs: dict[str, Any] = {"stage": 2, "exclude_frozen_parameters": True}
-    if timeout is not None:
-        kwargs["timeout"] = timeout
-    return DeepSpeedStrategy(**kwargs)
+    return DLoRALDeepSpeedStrategy(batch_size=batch_size, clip_norm=clip, precision=cfg.precision,
+                                   device_type="cpu" if on_cpu else "cuda", timeout=timeout)
 
 
 def build_cluster_plugins(

@@ -6,7 +6,7 @@ boundary to ``rank{r}_step{n}.pt`` (step 0 = the initial weights, written when t
 
 As a script (Lightning's DDP launcher re-executes it once per extra rank with the same arguments)::
 
-    python tests/helpers/train_probe.py --dump DIR key=value ...
+    python tests/helpers/train_probe.py --dump DIR [--resume] key=value ...
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fit`` on ``configs/demo.yaml`` + overrides with a :class:`StepDump` callback."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", required=True, help="folder for rank{r}_step{n}.pt")
+    parser.add_argument("--resume", action="store_true", help="resume from the run folder's newest checkpoint")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from dlightning.config import load_config
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     cfg = load_config([DEMO_CONFIG], args.overrides)
-    fit(cfg, fresh=True, callbacks=[StepDump(args.dump)])
+    fit(cfg, fresh=not args.resume, callbacks=[StepDump(args.dump)])
     return 0
 
 
