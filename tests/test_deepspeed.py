@@ -14,10 +14,7 @@ DeepSpeed start on a machine compiles DeepSpeed's shared-memory op (about 30 s, 
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,6 @@ from helpers import train_probe
 
 pytest.importorskip("deepspeed")
 
-HELPER = Path(__file__).parent / "helpers" / "train_probe.py"
 STEPS = 6
 C_END, D_END = 1, 3
 """Consistency steps 0-1, detail steps 2-3, consistency steps 4-5."""
@@ -37,16 +33,11 @@ COMMON = ["trainer.devices=2", "optim.accumulate=1", "optim.mask_mode=zero_lr", 
 def _run(root: Path, strategy: str, *, resume: bool = False) -> None:
     overrides = train_probe.tiny_overrides(root / "run", STEPS, c_end=C_END, d_end=D_END,
                                            extra=[*COMMON, f"trainer.strategy={strategy}"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(HELPER), "--dump", str(root / "dump"), *(["--resume"] if resume else []),
-           *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    train_probe.run_probe(root / "dump", overrides, resume=resume)
 
 
 def _load_dumps(root: Path, steps: range) -> dict[tuple[int, int], dict]:
-    return {(r, s): torch.load(root / "dump" / f"rank{r}_step{s}.pt", weights_only=True)
-            for r in (0, 1) for s in steps}
+    return train_probe.load_dumps(root / "dump", range(2), steps)
 
 
 def _metrics(root: Path) -> list[dict[str, str]]:
@@ -111,13 +102,21 @@ def test_global_grad_norm_logged(runs):
 
 
 def test_checkpoints_are_complete_directories(runs):
-    from dlightning.training.checkpointing import list_valid_checkpoints, resolve_resume_checkpoint
+    from dlightning.training.checkpointing import (
+        list_valid_checkpoints,
+        read_checkpoint_payload,
+        resolve_resume_checkpoint,
+    )
 
     folder = runs["deepspeed"] / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000003.ckpt", "step-00000006.ckpt"]
     assert all(p.is_dir() for p in folder.iterdir())  # no .tmp leftovers, no last.ckpt copy
     assert [s for _, s in list_valid_checkpoints(runs["deepspeed"] / "run")] == [3, 6]
     assert resolve_resume_checkpoint(runs["deepspeed"] / "run") == str(folder / "step-00000006.ckpt")
+    block = read_checkpoint_payload(folder / "step-00000006.ckpt")["dlightning"]
+    per_rank = block["rng_per_rank"]
+    assert len(per_rank) == 2  # each rank's CSD noise stream, not rank 0's twice
+    assert not torch.equal(per_rank[0]["module_rng"], per_rank[1]["module_rng"])
 
 
 def test_resume_matches_uninterrupted_run(runs, ds_dumps):

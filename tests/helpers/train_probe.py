@@ -87,6 +87,23 @@ class StepDump(Callback):
             self._save(trainer, pl_module)
 
 
+def run_probe(dump: Path, overrides: list[str], *, resume: bool = False, timeout_s: float = 420,
+              env: dict[str, str] | None = None) -> None:
+    """Run this script in a subprocess (Lightning starts the other ranks) and assert it succeeded."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, __file__, "--dump", str(dump), *(["--resume"] if resume else []), *overrides]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def load_dumps(dump: Path, ranks: range, steps: range) -> dict[tuple[int, int], dict]:
+    """``{(rank, step): dump}`` for the given ranks and optimizer steps."""
+    return {(r, s): torch.load(dump / f"rank{r}_step{s}.pt", weights_only=True) for r in ranks for s in steps}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fit`` on ``configs/demo.yaml`` + overrides with a :class:`StepDump` callback."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
