@@ -87,6 +87,11 @@ def test_golden_sbatch_2x8() -> None:
     )
 
 
+def test_readme_shows_the_golden_script() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "```bash\n" + GOLDEN.read_text() + "```" in readme, "README's copy of sbatch_2x8.sh is stale"
+
+
 def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
     for cfg in (_cfg_2x8(), _cfg_2x8(use_torchrun=True)):
         script = tmp_path / "s.sh"
