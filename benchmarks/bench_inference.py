@@ -71,6 +71,16 @@ def variant(base: DLoRALGenerator, *, merged: bool, dtype: torch.dtype, channels
     return gen
 
 
+def lq_size(name: str, named: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """LQ (height, width) of a size name: a named size, ``N`` (square) or ``HxW``."""
+    if name in named:
+        return named[name]
+    parts = name.lower().split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return (int(parts[0]), int(parts[-1]))
+    raise SystemExit(f"--sizes {name!r}: use one of {list(named)}, N (square LQ side) or HxW")
+
+
 def frames_for(hw: tuple[int, int], count: int) -> list[np.ndarray]:
     """``count`` moving LQ frames of size ``hw`` (uint8 RGB)."""
     h, w = hw
@@ -101,10 +111,12 @@ def run(args: argparse.Namespace) -> tuple[list[list], str]:
     device = resolve_device(args.device)
     sizes = FULL_SIZES if args.full else TINY_SIZES
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    base = base_generator(args.full, device)
     rows = []
-    for name in args.sizes or list(sizes):
-        frames = frames_for(sizes[name], args.frames)
+    names = args.sizes or list(sizes)
+    shape = {name: lq_size(name, sizes) for name in names}  # bad names fail before the model is built
+    base = base_generator(args.full, device)
+    for name in names:
+        frames = frames_for(shape[name], args.frames)
         for merged, batch, comp, cl in itertools.product(args.merged, args.batches, args.compile,
                                                          args.channels_last):
             if comp and device.type == "cpu" and not args.compile_on_cpu:
@@ -117,7 +129,7 @@ def run(args: argparse.Namespace) -> tuple[list[list], str]:
                          "on" if cl else "off", fps, mem["gib"]])
             del gen
             gc.collect()
-    shown = ", ".join(f"{n} = LQ {sizes[n][1]}x{sizes[n][0]}" for n in (args.sizes or list(sizes)))
+    shown = ", ".join(f"{n} = LQ {shape[n][1]}x{shape[n][0]}" for n in names)
     mem_kind = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                 else "peak RSS delta, sampled every 5 ms (CPU)")
     note = (f"{'SD 2.1 architecture, random weights' if args.full else 'tiny preset'}; dtype "
@@ -133,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--sizes", nargs="+", default=None,
-                        help=f"full: {list(FULL_SIZES)}; otherwise {list(TINY_SIZES)} (default all)")
+                        help=f"LQ sizes: named (full: {list(FULL_SIZES)}; otherwise {list(TINY_SIZES)}; "
+                             "default all named), N (square) or HxW")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 32 cuda, 8 cpu)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="windows per UNet call")
     parser.add_argument("--merged", nargs="+", default=["yes", "no"], choices=["yes", "no"])

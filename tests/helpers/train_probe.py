@@ -93,7 +93,9 @@ def run_probe(dump: Path, overrides: list[str], *, resume: bool = False, timeout
     import os
     import subprocess
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # The interpreter's bin folder first: DeepSpeed's CPU path builds an op with the venv's ninja.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **(env or {})}
     cmd = [sys.executable, __file__, "--dump", str(dump), *(["--resume"] if resume else []), *overrides]
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
