@@ -7,8 +7,10 @@ Bytes all-reduced per step, three ways:
 * analytic: sum of ``numel * element_size`` of every trainable tensor (what DDP registers; the
   frozen VAE, text encoder, SPyNet and base UNet require no grad and are not DDP parameters), for
   the tiny preset and for SD 2.1 size (``dlightning.models.inspect`` on the meta device);
-* measured: a DDP communication hook (``register_comm_hook``) that counts the bytes of every bucket
-  it all-reduces, on a real gloo run of ``DLoRALModule.compute_losses`` + backward;
+* measured, on a real gloo run of ``DLoRALModule.compute_losses`` + backward, for each
+  ``trainer.grad_sync`` mode: ``all`` (DDP's default: every bucket, counted by a hook that all-reduces
+  like the default), ``active`` (the training default: the phase-aware hook of
+  ``dlightning.training.grad_sync``, only the phase's groups) and ``active`` with bf16 communication;
 * the reference's lower bound: the phase's groups plus the VAE, whose ~84 M parameters require grad
   there (METHOD.md 1.1) and are all-reduced every step.
 
@@ -60,6 +62,7 @@ def _counting_allreduce(state: dict, bucket):  # no annotations: DDP checks them
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from bench_train_step import WEIGHTS, make_batch, root_config
 
+    from dlightning.training.grad_sync import PhaseGradSync, active_allreduce_hook
     from dlightning.training.optim import build_optimizer, clip_group_norms, drop_inactive_gradients
     from dlightning.training.run import build_module
     from dlightning.training.schedule import PhaseSpec
@@ -71,11 +74,17 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         torch.manual_seed(0)
         module = build_module(root_config(False)).train()
         ddp = nn.parallel.DistributedDataParallel(LossOf(module))
-        state = {"bytes": 0, "buckets": 0}
-        ddp.register_comm_hook(state, _counting_allreduce)
+        phase = args["phase"]
+        if args["sync"] == "all":
+            state = {"bytes": 0, "buckets": 0}
+            ddp.register_comm_hook(state, _counting_allreduce)
+        else:
+            sync = PhaseGradSync("bf16" if args["sync"] == "active_bf16" else "fp32")
+            sync.bind(module.generator.parameter_groups())
+            sync.set_phase(phase)
+            ddp.register_comm_hook(sync, active_allreduce_hook)
         opt = build_optimizer(module.generator.parameter_groups(), module.optim_cfg)
         batch = make_batch(batch_size=1, size=args["size"], scale=4, device=torch.device("cpu"))
-        phase = args["phase"]
         spec = PhaseSpec(phase=phase, weights=WEIGHTS[phase], segment=0, progress=1.0)
 
         def step() -> None:
@@ -87,7 +96,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
         for _ in range(args["warmup"]):
             step()
-        state.update(bytes=0, buckets=0)
+        sent_before = state["bytes"] if args["sync"] == "all" else sync.bytes_reduced
         dist.barrier()
         start = time.perf_counter()
         for _ in range(args["steps"]):
@@ -95,9 +104,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         dist.barrier()
         sec = (time.perf_counter() - start) / args["steps"]
         ddp_bytes = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
+        sent = (state["bytes"] if args["sync"] == "all" else sync.bytes_reduced) - sent_before
         if rank == 0:
-            Path(out).write_text(json.dumps({"sec": sec, "hook_bytes": state["bytes"] / args["steps"],
-                                             "buckets": state["buckets"] / args["steps"],
+            Path(out).write_text(json.dumps({"sec": sec, "hook_bytes": sent / args["steps"],
                                              "ddp_param_bytes": ddp_bytes}))
     finally:
         dist.destroy_process_group()
@@ -109,11 +118,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ddp(world: int, args: argparse.Namespace) -> dict:
-    """Spawn ``world`` gloo processes; returns rank 0's timing and hook counts."""
+def run_ddp(world: int, args: argparse.Namespace, sync: str = "active") -> dict:
+    """Spawn ``world`` gloo processes; returns rank 0's timing and all-reduced bytes per step."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rank0.json")
-        cfg = {"size": args.size, "steps": args.steps, "warmup": args.warmup, "phase": args.phase}
+        cfg = {"size": args.size, "steps": args.steps, "warmup": args.warmup, "phase": args.phase,
+               "sync": sync}
         mp.spawn(_worker, args=(world, _free_port(), cfg, out), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
@@ -134,6 +144,8 @@ def analytic_bytes() -> dict[str, float]:
         consistency = fam["consistency"] + rep["conv_in"] + rep["cfr_cross_attention"]
         out[f"{preset}_ref_consistency"] = 4.0 * consistency
         out[f"{preset}_ref_detail"] = 4.0 * (fam["detail"] + rep["conv_in"])
+        out[f"{preset}_active_consistency"] = out[f"{preset}_ref_consistency"]  # the same groups
+        out[f"{preset}_active_detail"] = out[f"{preset}_ref_detail"]
     with torch.device("meta"):
         vae = AutoencoderKL(**SD21_VAE_CONFIG)
     out["sd21_vae"] = 4.0 * sum(p.numel() for p in vae.parameters())
@@ -156,14 +168,22 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device("cpu")
     runs = {w: run_ddp(w, args) for w in sorted(set(args.worlds))}
     big = runs[max(runs)]
+    modes = {"all": run_ddp(max(runs), args, "all"), "active": big,
+             "active_bf16": run_ddp(max(runs), args, "active_bf16")}
     a = analytic_bytes()
     mb = 1e6
+    n = max(runs)
+    active_key = f"sd21_meta_active_{args.phase}"
     traffic = [
         ["dlightning, tiny", "analytic (trainable tensors)", a["tiny_ours"] / mb],
         ["dlightning, tiny", "DDP parameters requiring grad", big["ddp_param_bytes"] / mb],
-        ["dlightning, tiny", f"measured by comm hook, {max(runs)} rank(s) ({big['buckets']:.0f} buckets)",
-         big["hook_bytes"] / mb],
-        ["dlightning, SD 2.1", "analytic (trainable tensors)", a["sd21_meta_ours"] / mb],
+        ["dlightning, tiny", f"measured, grad_sync=all (DDP default), {n} rank(s)", modes["all"]["hook_bytes"] / mb],
+        ["dlightning, tiny", f"measured, grad_sync=active (default), {n} rank(s)", big["hook_bytes"] / mb],
+        ["dlightning, tiny", f"measured, grad_sync=active + bf16, {n} rank(s)",
+         modes["active_bf16"]["hook_bytes"] / mb],
+        ["dlightning, SD 2.1", "analytic, grad_sync=all (trainable tensors)", a["sd21_meta_ours"] / mb],
+        ["dlightning, SD 2.1", f"analytic, grad_sync=active, {args.phase} groups", a[active_key] / mb],
+        ["dlightning, SD 2.1", f"analytic, grad_sync=active + bf16, {args.phase} groups", a[active_key] / 2 / mb],
         ["reference, SD 2.1, consistency", "lower bound: C-LoRA + CFR + conv_in + VAE",
          (a["sd21_meta_ref_consistency"] + a["sd21_vae"]) / mb],
         ["reference, SD 2.1, detail", "lower bound: D-LoRA + conv_in + VAE",
@@ -174,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
               for w, r in runs.items()]
     note = (f"tiny preset, {args.phase} phase, 3-frame {args.size}x{args.size} clip per rank, gloo on CPU, "
             f"torch threads 1 per process, {args.warmup} warm-up + {args.steps} timed steps; "
-            "fp32 gradients (4 bytes per element).")
+            "fp32 gradients (4 bytes per element) unless bf16 is named; the timing rows use grad_sync=active.")
     text = (header("bench_distributed", device, note) + "\n"
             + markdown_table(["model", "how", "MB all-reduced per step"], traffic) + "\n"
             + markdown_table(["processes", "ms/step", "clips/s (all ranks)", "weak-scaling efficiency %"],

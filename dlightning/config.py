@@ -72,6 +72,9 @@ class RootConfig:
 
             check_deepspeed_precision(self.trainer.precision)
             global_clip_norm(self.optim.clip_norm)
+        from dlightning.training.grad_sync import resolve_grad_sync
+
+        resolve_grad_sync(self.trainer, self.optim)
         if self.data.scale != self.model.scale:
             raise ConfigError(
                 f"data.scale={self.data.scale} differs from model.scale={self.model.scale}; set both to "

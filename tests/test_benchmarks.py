@@ -102,9 +102,13 @@ def test_distributed_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _rows(out.read_text())
     traffic = {(r[0], r[1]): float(r[2]) for r in rows if len(r) == 3}
-    measured = next(v for (m, k), v in traffic.items() if k.startswith("measured by comm hook"))
-    # the hook all-reduces exactly the trainable tensors: nothing frozen travels
-    assert measured == pytest.approx(traffic["dlightning, tiny", "analytic (trainable tensors)"], rel=1e-2)
+    measured = {k.split(",")[1].strip(): v for (m, k), v in traffic.items() if k.startswith("measured")}
+    # DDP's default all-reduces exactly the trainable tensors: nothing frozen travels
+    assert measured["grad_sync=all (DDP default)"] == pytest.approx(
+        traffic["dlightning, tiny", "analytic (trainable tensors)"], rel=1e-2)
+    # the phase-aware hook sends the consistency groups only, bf16 half of that
+    assert measured["grad_sync=active (default)"] < measured["grad_sync=all (DDP default)"]
+    assert measured["grad_sync=active + bf16"] == pytest.approx(measured["grad_sync=active (default)"] / 2)
     assert "bench_distributed" in proc.stdout
 
 
@@ -115,4 +119,4 @@ def test_distributed_two_processes(tmp_path):
            "--results", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "measured by comm hook, 2 rank(s)" in out.read_text()
+    assert "measured, grad_sync=active (default), 2 rank(s)" in out.read_text()

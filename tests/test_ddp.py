@@ -82,6 +82,17 @@ def test_inactive_family_frozen_in_its_phase(ddp_dumps, start, end, frozen, trai
     assert all(conv_in), "conv_in trains in both phases"
 
 
+def test_only_the_active_groups_gradients_travel(ddp_dumps):
+    """trainer.grad_sync=auto: the phase-aware hook all-reduces the active groups' fp32 gradients only."""
+    groups, params = ddp_dumps[0, 0]["groups"], ddp_dumps[0, 0]["params"]
+    group_bytes = {g: sum(4 * params[k].numel() for k, gk in groups.items() if gk == g) for g in set(groups.values())}
+    for step in range(1, STEPS + 1):
+        phase = "detail" if C_END < step - 1 <= D_END else "consistency"
+        active = ("d_lora", "conv_in") if phase == "detail" else ("c_lora", "cfr", "conv_in")
+        sent = ddp_dumps[0, step]["sync_bytes"] - ddp_dumps[0, step - 1]["sync_bytes"]
+        assert sent == sum(group_bytes[g] for g in active), f"step {step} ({phase})"
+
+
 def test_ranks_saw_different_data(ddp_dumps):
     for rank in (0, 1):
         keys = [k for step in range(1, STEPS + 1) for k in ddp_dumps[rank, step]["keys"]]

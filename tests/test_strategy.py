@@ -54,6 +54,34 @@ def test_ddp_without_unused_parameter_search() -> None:
     assert strategy._timeout.total_seconds() == 600
 
 
+def test_phase_aware_gradient_sync_hook() -> None:
+    from dlightning.training.config import OptimConfig
+    from dlightning.training.grad_sync import (
+        HookedDDPStrategy,
+        PhaseGradSync,
+        active_allreduce_hook,
+        build_grad_sync,
+    )
+
+    cfg = _cfg(strategy="ddp", devices=2)
+    state = build_grad_sync(cfg, OptimConfig())  # auto + drop_grad masking -> active groups only
+    assert isinstance(state, PhaseGradSync) and state.phase_aware
+    strategy = build_strategy(cfg, grad_sync=state)
+    assert isinstance(strategy, HookedDDPStrategy)
+    assert strategy._ddp_comm_hook is active_allreduce_hook and strategy._ddp_comm_state is state
+    assert build_grad_sync(_cfg(strategy="ddp", grad_sync="all"), OptimConfig()) is None
+    bf16_all = build_grad_sync(_cfg(strategy="ddp", grad_sync="all", grad_sync_dtype="bf16"), OptimConfig())
+    assert bf16_all is not None and not bf16_all.phase_aware
+    assert build_grad_sync(cfg, OptimConfig(mask_mode="zero_lr")) is None  # auto -> all under zero_lr
+
+
+def test_active_sync_refused_without_dropped_gradients() -> None:
+    from dlightning.config import load_config
+
+    with pytest.raises(ConfigError, match="grad_sync=all or auto"):
+        load_config([], ["trainer.grad_sync=active", "optim.mask_mode=zero_lr"])
+
+
 def test_auto_is_single_process_or_ddp() -> None:
     assert build_strategy(_cfg(strategy="auto")) == "auto"
     multi = build_strategy(_cfg(strategy="auto", devices=4))

@@ -108,8 +108,16 @@ class TrainerConfig:
     """Stop with an error after this many consecutive non-finite losses."""
     log_every: int = 10
     deterministic: bool = False
+    grad_sync: str = "auto"
+    """DDP gradient all-reduce: active (only the current phase's groups; needs drop_grad masking),
+    all (every trainable tensor), auto (active where drop_grad masking is in use, else all).
+    See dlightning.training.grad_sync."""
+    grad_sync_dtype: str = "fp32"
+    """Dtype of the DDP gradient all-reduce: fp32 (exact) or bf16 (half the bytes)."""
 
     def __post_init__(self) -> None:
         check_choice("trainer", "precision", self.precision, ("32-true", "bf16-mixed", "16-mixed", "32"))
+        check_choice("trainer", "grad_sync", self.grad_sync, ("auto", "active", "all"))
+        check_choice("trainer", "grad_sync_dtype", self.grad_sync_dtype, ("fp32", "bf16"))
         if self.max_steps < 1:
             raise ConfigError("trainer.max_steps must be >= 1")

@@ -31,6 +31,7 @@ from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import build_generator
 from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig
+from dlightning.training.grad_sync import PhaseGradSync
 from dlightning.training.nonfinite import NonFiniteTracker, all_ranks_finite
 from dlightning.training.optim import (
     ACTIVE_GROUPS,
@@ -97,6 +98,9 @@ class DLoRALModule(L.LightningModule):
             # ZeRO keeps gradients in its own partitioned buffers: dropping p.grad would change nothing.
             raise RuntimeError("optim.mask_mode=drop_grad cannot hold groups still under DeepSpeed; use "
                                "optim.mask_mode=auto or zero_lr")
+        sync = self._grad_sync
+        if sync is not None:
+            sync.bind(self.generator.parameter_groups())
         precision = str(self.trainer.precision)
         if "bf16" in precision:
             self.generator.cast_frozen(torch.bfloat16)
@@ -149,6 +153,9 @@ class DLoRALModule(L.LightningModule):
             datamodule.set_position(self.micro_step)
 
     def _enter_step(self, spec: PhaseSpec, optimizer: torch.optim.Optimizer) -> None:
+        sync = self._grad_sync
+        if sync is not None:
+            sync.set_phase(spec.phase)  # before this step's backward passes
         if self.mask_mode == "zero_lr":
             set_phase_learning_rates(optimizer, spec.phase, self.optim_cfg.lr)
         if self._last_phase is not None and spec.phase != self._last_phase:
@@ -188,6 +195,13 @@ class DLoRALModule(L.LightningModule):
         if self.mask_mode == "drop_grad":
             drop_inactive_gradients(optimizer, self._active_phase)
         self._grad_norms = clip_group_norms(optimizer, self.optim_cfg.clip_norm)
+
+    @property
+    def _grad_sync(self) -> PhaseGradSync | None:
+        """The phase-aware DDP all-reduce state when the strategy uses it, else None."""
+        trainer = self._trainer
+        state = getattr(trainer.strategy, "_ddp_comm_state", None) if trainer is not None else None
+        return state if isinstance(state, PhaseGradSync) else None
 
     @property
     def _deepspeed(self) -> Any:

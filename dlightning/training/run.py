@@ -12,6 +12,7 @@ from dlightning.config import RootConfig, to_container, to_yaml
 from dlightning.data.datamodule import VSRDataModule
 from dlightning.tracking import LogResolvedConfig, build_logger, finish_tracking
 from dlightning.training.checkpointing import StepCheckpoint, resolve_resume_checkpoint
+from dlightning.training.grad_sync import build_grad_sync
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
@@ -60,7 +61,8 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=build_strategy(tcfg, batch_size=cfg.data.batch_size, clip_norm=cfg.optim.clip_norm),
+        strategy=build_strategy(tcfg, batch_size=cfg.data.batch_size, clip_norm=cfg.optim.clip_norm,
+                                grad_sync=build_grad_sync(tcfg, cfg.optim)),
         precision=tcfg.precision,
         max_steps=-1,
         max_epochs=-1,

@@ -3,10 +3,11 @@
 ``trainer.strategy`` is a config string:
 
 * ``auto``: one process -> Lightning's single-device strategy; more -> ``ddp`` below.
-* ``ddp``: :class:`DDPStrategy` with ``find_unused_parameters=False``. This is correct because the
+* ``ddp``: :class:`DDPStrategy` (registering its communication hook on CPU too) with ``find_unused_parameters=False``. This is correct because the
   trainable set is fixed when DDP wraps the model and every trainable tensor is in the graph in every
   phase (DESIGN.md decision 2); a phase only decides which parameter groups step. ``static_graph``
-  can be switched on for a little speed.
+  can be switched on for a little speed. With ``trainer.grad_sync`` (default auto) only the active
+  phase's gradients are all-reduced (:mod:`dlightning.training.grad_sync`).
 * ``ddp_spawn``: the same, with processes started by Lightning (CPU tests only).
 * ``deepspeed_stage_2``: :class:`dlightning.training.deepspeed_zero.DLoRALDeepSpeedStrategy` (ZeRO-2)
   on CUDA, or on CPU for tests and debugging. Limits: exactly one optimizer (parameter groups;
@@ -26,11 +27,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 
 from dlightning.errors import ConfigError
 from dlightning.training.checkpointing import AtomicCheckpointIO
 from dlightning.training.config import TrainerConfig
+from dlightning.training.grad_sync import HookedDDPStrategy, PhaseGradSync, active_allreduce_hook
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -40,7 +42,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2")
 
 def build_strategy(
     cfg: TrainerConfig, *, static_graph: bool = False, timeout_s: float | None = None, batch_size: int = 1,
-    clip_norm: dict[str, float] | None = None,
+    clip_norm: dict[str, float] | None = None, grad_sync: PhaseGradSync | None = None,
 ) -> Strategy | str:
     """Build the Lightning strategy named by ``cfg.strategy``.
 
@@ -50,6 +52,7 @@ def build_strategy(
         timeout_s: collective timeout for the process group (Lightning's default when None).
         batch_size: clips per micro-batch per process (DeepSpeed only).
         clip_norm: ``optim.clip_norm`` (DeepSpeed only: mapped onto one global limit).
+        grad_sync: state of the phase-aware DDP all-reduce hook (DDP only; None: DDP's default).
 
     Returns:
         A strategy object, or the string ``"auto"`` for a single process.
@@ -64,14 +67,16 @@ def build_strategy(
     ddp_kwargs: dict[str, Any] = {"find_unused_parameters": False, "static_graph": static_graph}
     if timeout is not None:
         ddp_kwargs["timeout"] = timeout
+    if grad_sync is not None:
+        ddp_kwargs.update(ddp_comm_state=grad_sync, ddp_comm_hook=active_allreduce_hook)
     if name == "auto":
         if cfg.devices * cfg.num_nodes == 1:
             return "auto"
-        return DDPStrategy(**ddp_kwargs)
+        return HookedDDPStrategy(**ddp_kwargs)
     if name == "ddp":
-        return DDPStrategy(**ddp_kwargs)
+        return HookedDDPStrategy(**ddp_kwargs)
     if name == "ddp_spawn":
-        return DDPStrategy(start_method="spawn", **ddp_kwargs)
+        return HookedDDPStrategy(start_method="spawn", **ddp_kwargs)
     return _build_deepspeed(cfg, timeout=timeout, batch_size=batch_size, clip_norm=clip_norm or {})
 
 

@@ -60,9 +60,11 @@ def parameter_group_names(pl_module: LightningModule) -> dict[str, str]:
 
 
 class StepDump(Callback):
-    """Saves ``{"params", "keys", "optimizer_step", "micro_step", "groups"}`` per rank per optimizer step.
+    """Saves ``{"params", "keys", "optimizer_step", "micro_step", "groups", "sync_bytes"}`` per rank per
+    optimizer step.
 
     ``keys`` are the synthetic clip keys of the micro-batches of that step (they name rank and micro-batch).
+    ``sync_bytes`` counts the bytes the phase-aware DDP hook all-reduced so far (None without the hook).
     """
 
     def __init__(self, out_dir: str | Path) -> None:
@@ -73,7 +75,8 @@ class StepDump(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {"params": pl_module.trainable_state_dict(), "keys": list(self._keys),
                  "optimizer_step": int(pl_module.optimizer_step), "micro_step": int(pl_module.micro_step),
-                 "groups": parameter_group_names(pl_module)}
+                 "groups": parameter_group_names(pl_module),
+                 "sync_bytes": getattr(getattr(trainer.strategy, "_ddp_comm_state", None), "bytes_reduced", None)}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_step{pl_module.optimizer_step}.pt")
         self._keys = []
 
