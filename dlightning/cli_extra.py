@@ -61,7 +61,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _export_parser(sub: argparse._SubParsersAction, add_config_args: Callable) -> None:
     p = sub.add_parser("export", help="fuse C/D-LoRA into the UNet and write a merged model folder")
     add_config_args(p)
-    p.add_argument("--checkpoint", help="training checkpoint (.ckpt)")
+    p.add_argument("--checkpoint", help="training checkpoint: a .ckpt file, a DeepSpeed checkpoint folder, or "
+                   "a run folder (its newest valid checkpoint)")
     p.add_argument("--reference-pkl", help="the authors' model.pkl (needs --config for the base model)")
     p.add_argument("--out", required=True, help="export folder (written as OUT.tmp, then renamed)")
     p.add_argument("--consistency-only", action="store_true", help="fuse only C-LoRA (D scale 0)")
@@ -107,7 +108,8 @@ def register(sub: argparse._SubParsersAction, add_config_args: Callable[[argpars
     _upscale_parser(sub)
     p = sub.add_parser("validate", help="validation metrics and side-by-side videos of a checkpoint")
     add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt file, a DeepSpeed checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", default=None,
                    help="folder to write validation/step-XXXXXXXX/ into (default trainer.run_dir)")
     p.add_argument("--lq-dir", default=None, help="overrides validation.lq_dir")

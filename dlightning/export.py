@@ -31,7 +31,7 @@ from dlightning.models.config import ModelConfig
 from dlightning.models.generator import DLoRALGenerator
 from dlightning.models.lora import FAMILY_SUFFIX, set_family_scales
 from dlightning.models.state import copy_tensors
-from dlightning.training.checkpointing import read_checkpoint_payload
+from dlightning.training.checkpointing import read_checkpoint_payload, resolve_checkpoint_argument
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -56,7 +56,7 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
 
     Args:
         path: A ``.ckpt`` written by the trainer, a file or a DeepSpeed directory (read with
-            ``weights_only=True``).
+            ``weights_only=True``), or a run folder (its newest valid checkpoint).
 
     Returns:
         ``(state_dict, config)``: tensors under ``generator.<...>`` keys and the RootConfig as a dict.
@@ -64,9 +64,7 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     Raises:
         MissingWeightsError: The file is absent or not a dlightning training checkpoint.
     """
-    path = Path(path)
-    if not path.exists():
-        raise MissingWeightsError(f"checkpoint {str(path)!r} not found; pass a .ckpt from <run_dir>/checkpoints")
+    path = resolve_checkpoint_argument(path)
     ckpt = read_checkpoint_payload(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("dlightning", {}):
         raise MissingWeightsError(f"{path} is not a dlightning training checkpoint (no state_dict or "

@@ -280,3 +280,20 @@ def test_stable_run_id_survives_requeue(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == first
     assert stable_run_id(tmp_path / "other") != first
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["wandb_run_id"]
+
+
+def test_checkpoint_argument_file_run_folder_or_error(tmp_path):
+    from dlightning.errors import MissingWeightsError
+    from dlightning.training.checkpointing import resolve_checkpoint_argument
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    with pytest.raises(MissingWeightsError, match="without a valid checkpoint"):
+        resolve_checkpoint_argument(run)
+    ck.atomic_torch_save(_ckpt(3), folder / "step-00000003.ckpt")
+    ck.atomic_torch_save(_ckpt(7), folder / "step-00000007.ckpt")
+    assert resolve_checkpoint_argument(run) == folder / "step-00000007.ckpt"
+    assert resolve_checkpoint_argument(folder / "step-00000003.ckpt") == folder / "step-00000003.ckpt"
+    with pytest.raises(MissingWeightsError, match="not found"):
+        resolve_checkpoint_argument(tmp_path / "nowhere")

@@ -141,6 +141,9 @@ def test_export_reads_deepspeed_checkpoint(runs, ds_dumps, tmp_path):
     assert config["trainer"]["strategy"] == "deepspeed_stage_2"
     out = export_checkpoint(ckpt, tmp_path / "export")
     assert (out / "dlightning_export.json").is_file() and (out / "unet").is_dir()
+    # the run folder stands for its newest valid checkpoint
+    newest, _ = read_training_checkpoint(runs["deepspeed"] / "run")
+    assert all(torch.equal(newest[k], final[k]) for k in final)
 
 
 @pytest.mark.parametrize("damage", ["no_latest", "missing_shard", "empty_shard", "no_block"])

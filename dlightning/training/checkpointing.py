@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dlightning.errors import ConfigError
+from dlightning.errors import ConfigError, MissingWeightsError
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -232,6 +232,25 @@ def read_checkpoint_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     states = torch.load(sharded_model_states(path), map_location="cpu", weights_only=True)
     return {**states, "state_dict": states["module"]}
+
+
+def resolve_checkpoint_argument(path: str | os.PathLike[str]) -> Path:
+    """What a user may pass as ``--checkpoint``: a checkpoint file or DeepSpeed directory (returned as
+    is), or a run folder (its newest valid checkpoint, as resuming would pick).
+
+    Raises:
+        MissingWeightsError: nothing there, or a run folder without a valid checkpoint.
+    """
+    given = Path(path)
+    if not given.exists():
+        raise MissingWeightsError(f"checkpoint {str(given)!r} not found; pass a .ckpt from <run_dir>/checkpoints "
+                                  "or the run folder itself")
+    if given.is_file() or (given / "latest").is_file():
+        return given
+    newest = resolve_resume_checkpoint(given)
+    if newest is None:
+        raise MissingWeightsError(f"{given} is a folder without a valid checkpoint in {checkpoint_dir(given)}")
+    return Path(newest)
 
 
 def list_valid_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:

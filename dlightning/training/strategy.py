@@ -3,11 +3,12 @@
 ``trainer.strategy`` is a config string:
 
 * ``auto``: one process -> Lightning's single-device strategy; more -> ``ddp`` below.
-* ``ddp``: :class:`DDPStrategy` (registering its communication hook on CPU too) with ``find_unused_parameters=False``. This is correct because the
-  trainable set is fixed when DDP wraps the model and every trainable tensor is in the graph in every
-  phase (DESIGN.md decision 2); a phase only decides which parameter groups step. ``static_graph``
-  can be switched on for a little speed. With ``trainer.grad_sync`` (default auto) only the active
-  phase's gradients are all-reduced (:mod:`dlightning.training.grad_sync`).
+* ``ddp``: :class:`DDPStrategy` (registering its communication hook on CPU too) with
+  ``find_unused_parameters=False``. This is correct because the trainable set is fixed when DDP
+  wraps the model and every trainable tensor is in the graph in every phase (DESIGN.md decision 2);
+  a phase only decides which parameter groups step. ``static_graph`` can be switched on for a little
+  speed. With ``trainer.grad_sync`` (default auto) only the active phase's gradients are all-reduced
+  (:mod:`dlightning.training.grad_sync`).
 * ``ddp_spawn``: the same, with processes started by Lightning (CPU tests only).
 * ``deepspeed_stage_2``: :class:`dlightning.training.deepspeed_zero.DLoRALDeepSpeedStrategy` (ZeRO-2)
   on CUDA, or on CPU for tests and debugging. Limits: exactly one optimizer (parameter groups;

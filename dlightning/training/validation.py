@@ -325,6 +325,7 @@ def validate_checkpoint(config_files: list[str], overrides: list[str], checkpoin
     """
     from dlightning.config import load_config
     from dlightning.export import generator_from_checkpoint
+    from dlightning.training.checkpointing import read_checkpoint_payload, resolve_checkpoint_argument
 
     root = load_config(config_files, _with_data_source(list(overrides)))
     cfg = root.validation
@@ -333,9 +334,9 @@ def validate_checkpoint(config_files: list[str], overrides: list[str], checkpoin
     clips = load_clips(cfg)  # before the (slow) model build, so a bad data source fails at once
     if not config_files:
         log.info("validate: no --config given; using the model section stored in %s", checkpoint)
+    checkpoint = resolve_checkpoint_argument(checkpoint)
     gen, stored = generator_from_checkpoint(checkpoint, root.model if config_files else None)
-    step = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-               .get("dlightning", {}).get("optimizer_step", 0))
+    step = int(read_checkpoint_payload(checkpoint).get("dlightning", {}).get("optimizer_step", 0))
     if out:
         run_dir = Path(out)
     elif config_files:
