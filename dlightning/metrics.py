@@ -164,10 +164,14 @@ class VideoMetrics:
         return m
 
     def summary(self) -> dict[str, float]:
-        """Mean of every metric over the clips added so far (NaN-valued clips excluded)."""
+        """Mean of every metric over the clips added so far.
+
+        E*warp is undefined (NaN) on a clip whose occlusion mask leaves no visible pixel; such clips
+        are left out of its mean. Any other NaN (a broken output) propagates into the mean, so it shows.
+        """
         keys = sorted({k for m in self.per_clip for k in m})
         out = {}
         for k in keys:
-            vals = [m[k] for m in self.per_clip if k in m and not math.isnan(m[k])]
+            vals = [m[k] for m in self.per_clip if k in m and not (k.startswith("ewarp") and math.isnan(m[k]))]
             out[k] = sum(vals) / len(vals) if vals else math.nan
         return out

@@ -68,3 +68,14 @@ def test_ewarp_zero_for_static_clip_and_grows_with_flicker():
 
 def test_ewarp_needs_two_frames():
     assert np.isnan(warp_error(torch.rand(1, 3, 16, 16), _zero_flow_net()))
+
+
+def test_summary_skips_undefined_ewarp_but_shows_broken_outputs():
+    from dlightning.metrics import VideoMetrics
+
+    metrics = VideoMetrics()
+    metrics.per_clip = [{"psnr": 30.0, "ewarp": float("nan")}, {"psnr": float("nan"), "ewarp": 2.0},
+                        {"psnr": 20.0, "ewarp": 4.0}]
+    summary = metrics.summary()
+    assert summary["ewarp"] == 3.0  # occluded clip left out of E*warp's mean
+    assert np.isnan(summary["psnr"])  # a NaN frame is a broken output: it must show, not vanish

@@ -208,3 +208,23 @@ def test_bad_signal_configuration(tmp_path: Path) -> None:
         PreemptionCallback(tmp_path, signals=("SIGNOPE",))
     with pytest.raises(ConfigError, match="subset"):
         PreemptionCallback(tmp_path, signals=("SIGTERM",), requeue_signals=("SIGUSR1",))
+
+
+def test_failed_requeue_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scontrol failing must not look like a clean stop (fit raises on ``requeue_failed``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    failing = bin_dir / "scontrol"
+    failing.write_text("#!/bin/sh\necho 'slurm_requeue error: Access denied' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    cb = PreemptionCallback(tmp_path)
+    trainer = _fake_trainer(_FakeStrategy(others_signalled=False))
+    trainer.is_global_zero = True
+    module = SimpleNamespace(optimizer_step=5, at_step_boundary=True)
+    cb._handle(signal.SIGUSR1, None)
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert trainer.should_stop and cb.requeue_failed
+

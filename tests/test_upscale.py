@@ -290,3 +290,13 @@ def test_channels_last_gives_the_same_frames(gen):
     outs = [np.stack(list(Upscaler(copy.deepcopy(gen), UpscaleConfig(**FAST, channels_last=cl, color_fix="none"))
                           .upscale_frames(frames))).astype(np.float32) for cl in (False, True)]
     assert np.abs(outs[0] - outs[1]).max() <= 1.0  # memory layout only: at most a rounding step of uint8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_gpu_is_a_clear_error():
+    from dlightning.errors import ConfigError
+    from dlightning.inference.pipeline import resolve_device
+
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

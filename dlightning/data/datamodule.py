@@ -85,8 +85,15 @@ class VSRDataModule(L.LightningDataModule):
         self._skips: Counter[str] = Counter()
         self._shard_urls: list[list[str]] | None = None
 
+    def check_sources(self, world_size: int) -> None:
+        """Check the phase weights and find every shard now, so bad data fails before the model is built."""
+        check_phase_weights(self.cfg, self.phases)
+        if self.cfg.backend == "shards":
+            self._shard_urls = load_shard_urls(self.cfg, world_size=world_size)
+
     def setup(self, stage: str) -> None:
-        """Read rank and world size from the trainer, then check the sources before the model is built."""
+        """Read rank and world size from the trainer, then check the sources (again, with the trainer's
+        world size)."""
         if self.trainer is not None:
             self.rank = self.trainer.global_rank if self.rank is None else self.rank
             self.world_size = self.trainer.world_size if self.world_size is None else self.world_size

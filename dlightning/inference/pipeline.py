@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dlightning.errors import ConfigError
 from dlightning.inference.colorfix import color_fix
 from dlightning.inference.config import UpscaleConfig
 from dlightning.inference.tiled_vae import shared_norm_tiling
@@ -46,10 +47,17 @@ log = get_logger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU."""
+    """``auto`` = CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: a CUDA device is named but none is visible.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"upscale.device={name!r} but no CUDA GPU is visible; use --device cpu or auto")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

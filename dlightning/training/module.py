@@ -325,7 +325,7 @@ class DLoRALModule(L.LightningModule):
         keep = set(self.trainable_state_dict())
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        mine = {"rng": _rng_state(), "module_rng": self._rng().get_state()}
+        mine = {"rng": _rng_state(self.device), "module_rng": self._rng().get_state()}
         checkpoint[CKPT_KEY] = {
             "optimizer_step": self.optimizer_step,
             "micro_step": self.micro_step,
@@ -358,7 +358,7 @@ class DLoRALModule(L.LightningModule):
             if self.trainer.world_size > 1:
                 log.warning("checkpoint holds RNG states of %d ranks, this run has %d: every rank continues "
                             "rank 0's random stream", len(per_rank), self.trainer.world_size)
-        _set_rng_state(mine["rng"])
+        _set_rng_state(mine["rng"], self.device)
         self._generator = None
         self._pending_rng = mine["module_rng"]
 
@@ -373,14 +373,15 @@ def _gather_from_ranks(obj: Any) -> list[Any]:
     return gathered
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state_plain(),
         "python": _python_state_plain(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        # this rank's GPU only: get_rng_state_all() would open a context on every visible GPU
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -395,11 +396,15 @@ def _python_state_plain() -> list:
     return [version, list(internal), gauss]
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, list):  # checkpoints before session 2 stored every visible GPU's state
+            cuda_state = cuda_state[device.index or 0] if len(cuda_state) > (device.index or 0) else None
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -122,6 +122,8 @@ class PreemptionCallback(Callback):
         self.preempted = False
         """True once this callback saved a preemption checkpoint and asked the trainer to stop."""
         self.checkpoint_path: Path | None = None
+        self.requeue_failed = False
+        """True when the requeue was asked for and ``scontrol`` failed (``fit`` then raises)."""
         self._received: signal.Signals | None = None
         self._requeue_requested = False
         self._last_step: int | None = None
@@ -201,7 +203,7 @@ class PreemptionCallback(Callback):
             if job_id is None:
                 log.warning("Signal asks for a requeue but no SLURM job id is set; not requeueing")
             else:
-                requeue_slurm_job(job_id, scontrol=self.scontrol)
+                self.requeue_failed = not requeue_slurm_job(job_id, scontrol=self.scontrol)
         self.preempted = True
         trainer.should_stop = True
 

@@ -10,8 +10,13 @@ import lightning as L
 
 from dlightning.config import RootConfig, to_container, to_yaml
 from dlightning.data.datamodule import VSRDataModule
+from dlightning.errors import ConfigError
 from dlightning.tracking import LogResolvedConfig, build_logger, finish_tracking
-from dlightning.training.checkpointing import StepCheckpoint, resolve_resume_checkpoint
+from dlightning.training.checkpointing import (
+    StepCheckpoint,
+    checkpoint_dir,
+    list_valid_checkpoints,
+)
 from dlightning.training.grad_sync import build_grad_sync
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
@@ -86,23 +91,29 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
 
     Args:
         cfg: the resolved configuration.
-        fresh: ignore checkpoints already in the run folder.
+        fresh: start from scratch; refused while the run folder holds checkpoints (the new run's
+            checkpoints would be pruned in favour of the old run's higher step numbers).
         callbacks: extra Lightning callbacks (tests use them to observe training).
 
     Returns:
         The trained module.
+
+    Raises:
+        ConfigError: before anything heavy, for a SLURM allocation that does not match, a run folder
+            whose checkpoints cannot be used, or data sources that cannot be read.
     """
     tcfg = cfg.trainer
     check_launch_environment(tcfg.devices, tcfg.num_nodes)
     run_dir = Path(tcfg.run_dir)
+    ckpt = _checkpoint_to_resume(run_dir, fresh)
+    datamodule = build_datamodule(cfg)
+    datamodule.check_sources(world_size=tcfg.devices * tcfg.num_nodes)  # before the model is built
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    ckpt = None if fresh else resolve_resume_checkpoint(run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
     L.seed_everything(tcfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
-    datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks)
     try:
         with warnings.catch_warnings():
@@ -113,4 +124,22 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
         finish_tracking(trainer, exit_code=1)
         raise
     finish_tracking(trainer)
+    failed = [cb for cb in trainer.callbacks if getattr(cb, "requeue_failed", False)]
+    if failed:
+        raise RuntimeError("training stopped for a pre-emption but the SLURM requeue failed (see the log); "
+                           f"resubmit the job to resume from {failed[0].checkpoint_path}")
     return module
+
+
+def _checkpoint_to_resume(run_dir: Path, fresh: bool) -> str | None:
+    """The checkpoint to resume from, None for a fresh start, or an error when the folder is unusable."""
+    folder = checkpoint_dir(run_dir)
+    found = [Path(p) for p, _ in list_valid_checkpoints(run_dir)]
+    named = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if fresh and named:
+        raise ConfigError(f"--fresh, but {folder} already holds checkpoints ({', '.join(named[:3])}...): "
+                          "move or delete that folder, or choose another trainer.run_dir")
+    if not fresh and named and not found:
+        raise ConfigError(f"{folder} holds checkpoints but none is readable ({', '.join(named[:3])}): "
+                          "move them away to start from scratch, or restore a good one")
+    return None if fresh or not found else str(found[-1])

@@ -271,13 +271,16 @@ class VideoValidation(L.Callback):
 
 
 def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -> None:
-    finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
-    undefined = sorted(set(metrics) - set(finite))
+    undefined = sorted(k for k, v in metrics.items() if math.isnan(v) and k.startswith("val/ewarp"))
     if undefined:
         # E*warp is undefined when the occlusion mask leaves no visible pixel; say so rather than log NaN.
         log.warning("step %d: %s undefined on every clip (see metrics.json); not logged", step, undefined)
+    broken = sorted(k for k, v in metrics.items() if math.isnan(v) and k not in undefined)
+    if broken:
+        log.error("step %d: %s are NaN: the generator's output is not finite (logged as NaN)", step, broken)
+    shown = {k: v for k, v in metrics.items() if k not in undefined}
     for logger in loggers:
-        logger.log_metrics({**finite, "val/optimizer_step": float(step)}, step=step)
+        logger.log_metrics({**shown, "val/optimizer_step": float(step)}, step=step)
         if type(logger).__name__ == "WandbLogger" and artifacts:
             import wandb
 
