@@ -143,6 +143,37 @@ def test_no_check_outside_slurm_or_interactive(monkeypatch: pytest.MonkeyPatch) 
     assert not any(isinstance(p, SLURMEnvironment) for p in build_cluster_plugins(env={}))
 
 
+def test_torchrun_inside_srun_is_not_checked_against_slurm_tasks() -> None:
+    # srun starts one task per node, each runs torchrun with 8 workers: SLURM_NTASKS counts nodes
+    env = {**SLURM_2X8, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x2)",
+           "TORCHELASTIC_RUN_ID": "job777"}
+    check_launch_environment(8, 2, env=env)
+    with pytest.raises(ConfigError):
+        check_launch_environment(8, 2, env={k: v for k, v in env.items() if k != "TORCHELASTIC_RUN_ID"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_refuses_cpu_accelerator_env_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlightning.training.deepspeed_zero import select_deepspeed_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with pytest.raises(ConfigError, match="unset it"):
+        select_deepspeed_accelerator("cuda")
+
+
+def test_ranks_starting_at_different_steps_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from dlightning.training import module as module_mod
+
+    me = SimpleNamespace(optimizer_step=3, micro_step=6)
+    monkeypatch.setattr(module_mod, "_gather_from_ranks", lambda obj: [obj, obj])
+    module_mod.DLoRALModule.on_train_start(me)  # agreement: nothing happens
+    monkeypatch.setattr(module_mod, "_gather_from_ranks", lambda obj: [obj, (2, 4)])
+    with pytest.raises(RuntimeError, match="different checkpoints"):
+        module_mod.DLoRALModule.on_train_start(me)
+
+
 def test_torchrun_environment_wins_over_slurm(slurm_env: dict[str, str]) -> None:
     plugins = build_cluster_plugins(use_torchrun=True, atomic_checkpoints=False)
     assert len(plugins) == 1 and isinstance(plugins[0], TorchElasticEnvironment)
@@ -152,7 +183,8 @@ def test_torchrun_environment_wins_over_slurm(slurm_env: dict[str, str]) -> None
 def test_deepspeed_on_cpu_selects_its_cpu_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     from dlightning.training.deepspeed_zero import AutocastDeepSpeedPrecision, DLoRALDeepSpeedStrategy
 
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # records the original so the value set below is undone
+    monkeypatch.delenv("DS_ACCELERATOR")
     strategy = build_strategy(_cfg(strategy="deepspeed_stage_2", accelerator="cpu", devices=2,
                                    precision="bf16-mixed"), batch_size=3,
                               clip_norm={"c_lora": 0.5, "cfr": 0.5, "d_lora": 0.5, "conv_in": 0.5})
@@ -163,6 +195,9 @@ def test_deepspeed_on_cpu_selects_its_cpu_accelerator(monkeypatch: pytest.Monkey
     assert config["gradient_clipping"] == 0.5
     # DeepSpeed's own bf16 mode would cast the whole module (LPIPS, trainables) to bf16
     assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    # DeepSpeed's engine disables an outer autocast unless its own torch_autocast section is on (CUDA);
+    # no lower-precision modules: gradients are reduced in fp32 as under DDP
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     plugin = strategy.precision_plugin
     assert isinstance(plugin, AutocastDeepSpeedPrecision)
     batch = {"hr": torch.zeros(2, dtype=torch.float32)}

@@ -391,8 +391,8 @@ def save_checkpoint_atomically(trainer: Trainer, path: str | os.PathLike[str]) -
     """``trainer.save_checkpoint(path)`` on every rank, all-or-nothing for files and directories alike.
 
     A file goes through the strategy's checkpoint IO (:class:`AtomicCheckpointIO`). A sharded
-    checkpoint directory is written by all ranks to ``<path>.tmp``; after a barrier rank 0 fsyncs it
-    and renames it to ``path``.
+    checkpoint directory is written by all ranks to ``<path>.tmp`` and fsynced by every rank; after a
+    barrier rank 0 renames it to ``path``.
     """
     path = Path(path)
     if not _is_sharded(trainer):
@@ -404,9 +404,9 @@ def save_checkpoint_atomically(trainer: Trainer, path: str | os.PathLike[str]) -
         _remove_path(tmp)
     strategy.barrier("dlightning_checkpoint_tmp_clear")
     trainer.save_checkpoint(tmp, weights_only=False)
+    _fsync_tree(tmp)  # every rank: on a multi-node filesystem each node flushes the shards it wrote
     strategy.barrier("dlightning_checkpoint_written")
     if trainer.is_global_zero:
-        _fsync_tree(tmp)
         if path.exists():
             _remove_path(path)
         os.replace(tmp, path)

@@ -9,11 +9,15 @@ places, each found by running it (``tests/test_deepspeed.py``):
 2. **Mixed precision.** ``precision=bf16-mixed`` switches on DeepSpeed's own bf16 mode, which casts the
    whole LightningModule (trainable LoRAs, LPIPS, VAE) to bf16, and Lightning's DeepSpeed precision
    plugin casts every batch to bf16. The losses then fail (fp32 inputs into bf16 LPIPS) or lose
-   precision. :class:`AutocastDeepSpeedPrecision` instead runs the step under ``torch.autocast`` exactly
-   like DDP's ``bf16-mixed``: trainable tensors, gradients, Adam state and the batch stay fp32, the
-   module casts its frozen parts to bf16 itself. DeepSpeed then sees fp32 trainables only (its bf16
-   and fp16 sections are off), so gradients are reduced in fp32 as under DDP. ``16-mixed`` is refused
-   (fp16 autocast needs a loss scaler, which DeepSpeed's engine does not apply to autocast under ZeRO).
+   precision. Instead the step runs under ``torch.autocast`` exactly like DDP's ``bf16-mixed``:
+   trainable tensors, gradients, Adam state and the batch stay fp32 (:class:`AutocastDeepSpeedPrecision`
+   leaves the batch alone), the module casts its frozen parts to bf16 itself, and DeepSpeed's bf16 and
+   fp16 sections are off. The autocast must be DeepSpeed's own ``torch_autocast`` section: the engine's
+   forward (inside which Lightning runs ``training_step``) *disables* an autocast entered outside it
+   when that section is off (``deepspeed.runtime.torch_autocast.autocast_if_enabled``; on CUDA only,
+   since it asks ``torch.is_autocast_enabled()``, which checks CUDA). ``lower_precision_safe_modules``
+   is empty so gradients are reduced in fp32, as under DDP. ``16-mixed`` is refused (fp16 autocast
+   needs a loss scaler, which DeepSpeed's engine does not apply to autocast under ZeRO).
 3. **Gradient clipping.** Under ZeRO-2 gradients live in DeepSpeed's partitioned flat buffers
    (``p.grad`` is None), so per-group clipping is impossible; DeepSpeed clips one global norm over
    all trainable tensors (``gradient_clipping``). :func:`global_clip_norm` maps ``optim.clip_norm``
@@ -73,7 +77,8 @@ def check_deepspeed_precision(precision: str) -> None:
 
 
 class AutocastDeepSpeedPrecision(DeepSpeedPrecision):
-    """DeepSpeed precision plugin that keeps the batch fp32 and runs each step under ``torch.autocast``.
+    """DeepSpeed precision plugin that keeps the batch fp32 and runs each step under ``torch.autocast``
+    (inside the engine's forward DeepSpeed's ``torch_autocast`` section, set to the same, takes over).
 
     Args:
         precision: ``bf16-mixed`` or ``32-true``.
@@ -122,6 +127,9 @@ class DLoRALDeepSpeedStrategy(DeepSpeedStrategy):
         # Present and off, so Lightning does not switch on DeepSpeed's whole-module casting.
         self.config["bf16"] = {"enabled": False}
         self.config["fp16"] = {"enabled": False}
+        if precision == "bf16-mixed":
+            self.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                             "lower_precision_safe_modules": []}
 
     @property
     def on_cpu(self) -> bool:
@@ -172,6 +180,9 @@ def select_deepspeed_accelerator(accelerator: str) -> None:
         ConfigError: deepspeed was already imported with another accelerator.
     """
     if accelerator != "cpu":
+        inherited = os.environ.get("DS_ACCELERATOR")
+        if inherited not in (None, "", "cuda"):
+            raise ConfigError(f"a CUDA run, but DS_ACCELERATOR={inherited!r} in the environment; unset it")
         return
     chosen = os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if chosen != "cpu":

@@ -107,6 +107,14 @@ class DLoRALModule(L.LightningModule):
         elif "16" in precision:
             self.generator.cast_frozen(torch.float16)
 
+    def on_train_start(self) -> None:
+        """Check every rank resumed at the same step (each rank resolves the checkpoint itself; a stale
+        directory listing on one node would otherwise split the ranks across phases)."""
+        counters = _gather_from_ranks((self.optimizer_step, self.micro_step))
+        if len(set(counters)) > 1:
+            raise RuntimeError(f"ranks start at different (optimizer step, micro-batch) {counters}: they "
+                               "resumed from different checkpoints; check the run folder on every node")
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the tensors training changes (both LoRA families, CFR attention, conv_in)."""
         names = {id(p) for ps in self.generator.parameter_groups().values() for p in ps}
@@ -325,7 +333,7 @@ class DLoRALModule(L.LightningModule):
         keep = set(self.trainable_state_dict())
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        mine = {"rng": _rng_state(self.device), "module_rng": self._rng().get_state()}
+        mine = {"rng": _rng_state(self.trainer.strategy.root_device), "module_rng": self._rng().get_state()}
         checkpoint[CKPT_KEY] = {
             "optimizer_step": self.optimizer_step,
             "micro_step": self.micro_step,
@@ -358,7 +366,8 @@ class DLoRALModule(L.LightningModule):
             if self.trainer.world_size > 1:
                 log.warning("checkpoint holds RNG states of %d ranks, this run has %d: every rank continues "
                             "rank 0's random stream", len(per_rank), self.trainer.world_size)
-        _set_rng_state(mine["rng"], self.device)
+        # the strategy's device: under DDP this hook runs before the module is moved to its GPU
+        _set_rng_state(mine["rng"], self.trainer.strategy.root_device)
         self._generator = None
         self._pending_rng = mine["module_rng"]
 

@@ -163,7 +163,8 @@ def check_launch_environment(devices: int, num_nodes: int, *, env: Mapping[str, 
         ConfigError: naming every mismatch and the fix.
     """
     env = os.environ if env is None else env
-    if not _is_slurm_launch(env):
+    if not _is_slurm_launch(env) or "TORCHELASTIC_RUN_ID" in env:
+        # torchrun inside srun (one task per node) starts the per-GPU workers itself
         return
     problems: list[str] = []
     per_node_raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
