@@ -24,7 +24,14 @@ from dlightning.inference.config import ValidationConfig
 from dlightning.launch_config import LaunchConfig
 from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig, check_choice
-from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig
+from dlightning.training.config import (
+    OptimConfig,
+    ScheduleConfig,
+    TrainerConfig,
+    check_deepspeed_precision,
+    global_clip_norm,
+    resolve_grad_sync,
+)
 
 
 @dataclass
@@ -68,12 +75,8 @@ class RootConfig:
             if self.optim.mask_mode == "drop_grad":
                 raise ConfigError("optim.mask_mode=drop_grad cannot work under DeepSpeed ZeRO (gradients are "
                                   "partitioned); use auto or zero_lr")
-            from dlightning.training.deepspeed_zero import check_deepspeed_precision, global_clip_norm
-
             check_deepspeed_precision(self.trainer.precision)
             global_clip_norm(self.optim.clip_norm)
-        from dlightning.training.grad_sync import resolve_grad_sync
-
         resolve_grad_sync(self.trainer, self.optim)
         if self.data.scale != self.model.scale:
             raise ConfigError(

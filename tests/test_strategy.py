@@ -212,7 +212,7 @@ def test_deepspeed_on_cpu_selects_its_cpu_accelerator(monkeypatch: pytest.Monkey
     ({}, 0.0),
 ])
 def test_global_clip_norm(clip_norm: dict[str, float], expected: float) -> None:
-    from dlightning.training.deepspeed_zero import global_clip_norm
+    from dlightning.training.config import global_clip_norm
 
     assert global_clip_norm(clip_norm) == expected
 

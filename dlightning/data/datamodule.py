@@ -84,23 +84,23 @@ class VSRDataModule(L.LightningDataModule):
         self.micro_batch, self.resume_count = 0, 0
         self._skips: Counter[str] = Counter()
         self._shard_urls: list[list[str]] | None = None
+        self._checked_world_size: int | None = None
 
     def check_sources(self, world_size: int) -> None:
         """Check the phase weights and find every shard now, so bad data fails before the model is built."""
         check_phase_weights(self.cfg, self.phases)
         if self.cfg.backend == "shards":
             self._shard_urls = load_shard_urls(self.cfg, world_size=world_size)
+        self._checked_world_size = world_size
 
     def setup(self, stage: str) -> None:
-        """Read rank and world size from the trainer, then check the sources (again, with the trainer's
-        world size)."""
+        """Read rank and world size from the trainer, then check the sources unless :meth:`check_sources`
+        already did for this world size."""
         if self.trainer is not None:
             self.rank = self.trainer.global_rank if self.rank is None else self.rank
             self.world_size = self.trainer.world_size if self.world_size is None else self.world_size
-        if stage == "fit":
-            check_phase_weights(self.cfg, self.phases)
-            if self.cfg.backend == "shards":
-                self._shard_urls = load_shard_urls(self.cfg, world_size=self.world_size or 1)
+        if stage == "fit" and self._checked_world_size != (self.world_size or 1):
+            self.check_sources(self.world_size or 1)
 
     def train_dataloader(self) -> DataLoader:
         """The rank's loader, starting at the resumed micro-batch."""

@@ -228,9 +228,10 @@ def read_checkpoint_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     The state dict holds the trainable tensors under the LightningModule's parameter names.
     """
     path = Path(path)
+    # mmap: reading the step or the config of a large checkpoint does not read its optimizer state
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    states = torch.load(sharded_model_states(path), map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    states = torch.load(sharded_model_states(path), map_location="cpu", weights_only=True, mmap=True)
     return {**states, "state_dict": states["module"]}
 
 

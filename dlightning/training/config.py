@@ -121,3 +121,53 @@ class TrainerConfig:
         check_choice("trainer", "grad_sync_dtype", self.grad_sync_dtype, ("fp32", "bf16"))
         if self.max_steps < 1:
             raise ConfigError("trainer.max_steps must be >= 1")
+
+
+DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
+
+def global_clip_norm(clip_norm: dict[str, float]) -> float:
+    """The one global max norm DeepSpeed applies, from the per-group ``optim.clip_norm``.
+
+    Raises:
+        ConfigError: when the groups ask for different non-zero limits (DeepSpeed cannot honour them).
+    """
+    limits = {float(v) for v in clip_norm.values()}
+    if not limits or limits == {0.0}:
+        return 0.0
+    if len(limits) > 1:
+        raise ConfigError(
+            f"optim.clip_norm={dict(clip_norm)} asks for per-group limits, but DeepSpeed ZeRO clips one "
+            "global norm over all trainable tensors: give every group the same value (or 0 everywhere), "
+            "or use trainer.strategy=ddp"
+        )
+    return limits.pop()
+
+
+def check_deepspeed_precision(precision: str) -> None:
+    """Refuse precisions the DeepSpeed path does not support, naming the ones it does."""
+    if precision not in DEEPSPEED_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not supported with trainer.strategy=deepspeed_stage_2 "
+            "(fp16 autocast needs a loss scaler that DeepSpeed does not apply under ZeRO); use bf16-mixed "
+            "or 32-true"
+        )
+
+
+def resolve_grad_sync(trainer: TrainerConfig, optim: OptimConfig) -> str:
+    """``active`` or ``all`` for ``trainer.grad_sync`` (``auto``: active wherever drop_grad masking is used).
+
+    Raises:
+        ConfigError: ``active`` asked for where the inactive groups' gradients are not dropped.
+    """
+    drops = not trainer.strategy.startswith("deepspeed") and optim.mask_mode in ("auto", "drop_grad")
+    if trainer.grad_sync == "auto":
+        return "active" if drops else "all"
+    if trainer.grad_sync == "active" and not drops:
+        raise ConfigError(
+            "trainer.grad_sync=active leaves the inactive groups' gradients unsynchronised, which is only "
+            f"safe when they are dropped (optim.mask_mode=drop_grad under DDP), not with "
+            f"optim.mask_mode={optim.mask_mode!r} and trainer.strategy={trainer.strategy!r}; "
+            "use trainer.grad_sync=all or auto"
+        )
+    return trainer.grad_sync

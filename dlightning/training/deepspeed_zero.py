@@ -20,9 +20,9 @@ places, each found by running it (``tests/test_deepspeed.py``):
    needs a loss scaler, which DeepSpeed's engine does not apply to autocast under ZeRO).
 3. **Gradient clipping.** Under ZeRO-2 gradients live in DeepSpeed's partitioned flat buffers
    (``p.grad`` is None), so per-group clipping is impossible; DeepSpeed clips one global norm over
-   all trainable tensors (``gradient_clipping``). :func:`global_clip_norm` maps ``optim.clip_norm``
-   onto it and refuses per-group limits that differ. Note the global norm includes the gradients of
-   the groups held still by ``zero_lr`` masking.
+   all trainable tensors (``gradient_clipping``). :func:`dlightning.training.config.global_clip_norm`
+   maps ``optim.clip_norm`` onto it and refuses per-group limits that differ. Note the global norm
+   includes the gradients of the groups held still by ``zero_lr`` masking.
 4. **CPU.** Lightning refuses any accelerator but CUDA; DeepSpeed itself runs on CPU (its CPU
    accelerator, gloo). We allow ``trainer.accelerator=cpu`` so the DeepSpeed path runs with real
    processes in CI; it is for tests and debugging, not speed.
@@ -44,36 +44,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from dlightning.errors import ConfigError
-
-PRECISIONS = ("32-true", "32", "bf16-mixed")
-
-
-def global_clip_norm(clip_norm: dict[str, float]) -> float:
-    """The one global max norm DeepSpeed applies, from the per-group ``optim.clip_norm``.
-
-    Raises:
-        ConfigError: when the groups ask for different non-zero limits (DeepSpeed cannot honour them).
-    """
-    limits = {float(v) for v in clip_norm.values()}
-    if not limits or limits == {0.0}:
-        return 0.0
-    if len(limits) > 1:
-        raise ConfigError(
-            f"optim.clip_norm={dict(clip_norm)} asks for per-group limits, but DeepSpeed ZeRO clips one "
-            "global norm over all trainable tensors: give every group the same value (or 0 everywhere), "
-            "or use trainer.strategy=ddp"
-        )
-    return limits.pop()
-
-
-def check_deepspeed_precision(precision: str) -> None:
-    """Refuse precisions the DeepSpeed path does not support, naming the ones it does."""
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"trainer.precision={precision!r} is not supported with trainer.strategy=deepspeed_stage_2 "
-            "(fp16 autocast needs a loss scaler that DeepSpeed does not apply under ZeRO); use bf16-mixed "
-            "or 32-true"
-        )
+from dlightning.training.config import check_deepspeed_precision
 
 
 class AutocastDeepSpeedPrecision(DeepSpeedPrecision):
@@ -106,7 +77,7 @@ class DLoRALDeepSpeedStrategy(DeepSpeedStrategy):
 
     Args:
         batch_size: clips per micro-batch per process (``data.batch_size``).
-        clip_norm: global gradient-norm limit (0 = none), see :func:`global_clip_norm`.
+        clip_norm: global gradient-norm limit (0 = none), see :func:`dlightning.training.config.global_clip_norm`.
         precision: ``bf16-mixed`` or ``32-true``.
         device_type: ``cuda`` or ``cpu``.
         timeout: collective timeout (Lightning's default when None).

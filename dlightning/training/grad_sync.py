@@ -23,30 +23,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
-from dlightning.errors import ConfigError
-from dlightning.training.config import OptimConfig, TrainerConfig
+from dlightning.training.config import OptimConfig, TrainerConfig, resolve_grad_sync
 from dlightning.training.optim import ACTIVE_GROUPS
 
 COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_grad_sync(trainer: TrainerConfig, optim: OptimConfig) -> str:
-    """``active`` or ``all`` for ``trainer.grad_sync`` (``auto``: active wherever drop_grad masking is used).
-
-    Raises:
-        ConfigError: ``active`` asked for where the inactive groups' gradients are not dropped.
-    """
-    drops = not trainer.strategy.startswith("deepspeed") and optim.mask_mode in ("auto", "drop_grad")
-    if trainer.grad_sync == "auto":
-        return "active" if drops else "all"
-    if trainer.grad_sync == "active" and not drops:
-        raise ConfigError(
-            "trainer.grad_sync=active leaves the inactive groups' gradients unsynchronised, which is only "
-            f"safe when they are dropped (optim.mask_mode=drop_grad under DDP), not with "
-            f"optim.mask_mode={optim.mask_mode!r} and trainer.strategy={trainer.strategy!r}; "
-            "use trainer.grad_sync=all or auto"
-        )
-    return trainer.grad_sync
 
 
 def build_grad_sync(trainer: TrainerConfig, optim: OptimConfig) -> PhaseGradSync | None:

@@ -412,8 +412,4 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and device.type == "cuda":
-        cuda_state = state["cuda"]
-        if isinstance(cuda_state, list):  # checkpoints before session 2 stored every visible GPU's state
-            cuda_state = cuda_state[device.index or 0] if len(cuda_state) > (device.index or 0) else None
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+        torch.cuda.set_rng_state(state["cuda"], device)

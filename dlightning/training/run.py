@@ -134,12 +134,14 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
 def _checkpoint_to_resume(run_dir: Path, fresh: bool) -> str | None:
     """The checkpoint to resume from, None for a fresh start, or an error when the folder is unusable."""
     folder = checkpoint_dir(run_dir)
-    found = [Path(p) for p, _ in list_valid_checkpoints(run_dir)]
     named = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
     if fresh and named:
         raise ConfigError(f"--fresh, but {folder} already holds checkpoints ({', '.join(named[:3])}...): "
                           "move or delete that folder, or choose another trainer.run_dir")
-    if not fresh and named and not found:
+    if not named:
+        return None
+    found = list_valid_checkpoints(run_dir)
+    if not found:
         raise ConfigError(f"{folder} holds checkpoints but none is readable ({', '.join(named[:3])}): "
                           "move them away to start from scratch, or restore a good one")
-    return None if fresh or not found else str(found[-1])
+    return found[-1][0]

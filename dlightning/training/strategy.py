@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import Strategy
 
 from dlightning.errors import ConfigError
 from dlightning.training.checkpointing import AtomicCheckpointIO
-from dlightning.training.config import TrainerConfig
+from dlightning.training.config import TrainerConfig, check_deepspeed_precision, global_clip_norm
 from dlightning.training.grad_sync import HookedDDPStrategy, PhaseGradSync, active_allreduce_hook
 from dlightning.utils.logging import get_logger
 
@@ -83,12 +83,7 @@ def build_strategy(
 
 def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None, batch_size: int,
                      clip_norm: dict[str, float]) -> Strategy:
-    from dlightning.training.deepspeed_zero import (
-        DLoRALDeepSpeedStrategy,
-        check_deepspeed_precision,
-        global_clip_norm,
-        select_deepspeed_accelerator,
-    )
+    from dlightning.training.deepspeed_zero import DLoRALDeepSpeedStrategy, select_deepspeed_accelerator
 
     if cfg.accelerator not in ("cuda", "gpu", "auto", "cpu"):
         raise ConfigError(f"trainer.strategy=deepspeed_stage_2 runs on cuda (or cpu for tests), not "
