@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_data.py [--quick] [--results PATH] [--no-append]
 
 ``--quick`` shrinks both to a smoke run (few clips, 0 workers); its figures are not targets.
-DESIGN.md targets: >= 20 three-frame 512x512 clips/s per core from local shards; data_prep degrades
+docs/DESIGN.md targets: >= 20 three-frame 512x512 clips/s per core from local shards; data_prep degrades
 such a clip (second-order degradation plus codec) in < 100 ms on one core.
 """
 

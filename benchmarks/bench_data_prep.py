@@ -1,4 +1,4 @@
-"""Seconds per clip per core of the offline degradation, per preset (DESIGN.md target: < 100 ms
+"""Seconds per clip per core of the offline degradation, per preset (docs/DESIGN.md target: < 100 ms
 for a 3-frame 512x512 clip with codec).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_data_prep.py [--clips 20] [--no-append]
@@ -27,8 +27,8 @@ from common import results_path  # noqa: E402
 
 
 def _clip(seed: int) -> np.ndarray:
-    from dlightning.data.camera_path import CameraPathConfig, render_camera_path, sample_camera_path
-    from dlightning.data.sources import demo_image
+    from dlightning.shards.camera_path import CameraPathConfig, render_camera_path, sample_camera_path
+    from dlightning.shards.sources import demo_image
 
     image = demo_image("astronaut")
     image = cv2.resize(image, (768, 768), interpolation=cv2.INTER_CUBIC)
@@ -38,7 +38,9 @@ def _clip(seed: int) -> np.ndarray:
 
 
 def _time_preset(name: str, clips: list[np.ndarray]) -> tuple[float, float]:
-    from dlightning.data.degradation import degrade_clip, get_preset, sample_params
+    from dlightning.degradation.operators import degrade_clip
+    from dlightning.degradation.presets import get_preset
+    from dlightning.degradation.sampling import sample_params
 
     preset = get_preset(name)
     times = []
@@ -51,7 +53,7 @@ def _time_preset(name: str, clips: list[np.ndarray]) -> tuple[float, float]:
 
 
 def _time_png(clips: list[np.ndarray]) -> float:
-    from dlightning.data.shard_writer import encode_png
+    from dlightning.contracts.shard_format import encode_png
 
     start = time.perf_counter()
     for hr in clips:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     import av
     import scipy
 
-    from dlightning.data.degradation import PRESETS
+    from dlightning.degradation.presets import PRESETS
 
     clips = [_clip(i) for i in range(args.clips)]
     rows = [(name, *_time_preset(name, clips)) for name in sorted(PRESETS)]

@@ -12,7 +12,7 @@ Bytes all-reduced per step, three ways:
   like the default), ``active`` (the training default: the phase-aware hook of
   ``dlightning.training.grad_sync``, only the phase's groups) and ``active`` with bf16 communication;
 * the reference's lower bound: the phase's groups plus the VAE, whose ~84 M parameters require grad
-  there (METHOD.md 1.1) and are all-reduced every step.
+  there (docs/METHOD.md 1.1) and are all-reduced every step.
 
 Step time: each process trains on its own clip (weak scaling); efficiency = t(1 process) / t(2).
 On a shared 2-core CPU this shows the mechanics, not cluster scaling.
@@ -62,9 +62,9 @@ def _counting_allreduce(state: dict, bucket):  # no annotations: DDP checks them
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from bench_train_step import WEIGHTS, make_batch, root_config
 
+    from dlightning.train import build_module
     from dlightning.training.grad_sync import PhaseGradSync, active_allreduce_hook
     from dlightning.training.optim import build_optimizer, clip_group_norms, drop_inactive_gradients
-    from dlightning.training.run import build_module
     from dlightning.training.schedule import PhaseSpec
 
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ Every frame of a synthetic clip is produced (frame 0 from the window (0, 0)), co
 Settings crossed: LQ size (full: 128x128 -> 512x512 and 854x480 -> 4x; CPU: 16x16 and 40x24),
 merged (C- and D-LoRA fused with ``dlightning.export.fuse_families`` on a copy) vs unmerged LoRA,
 windows per UNet call (``upscale.batch_windows`` 1 / 4), torch.compile of the UNet (off by default
-on CPU), channels-last UNet and VAE. DESIGN.md target: >= 20 frames/s, merged, 128 -> 512, H100, bf16.
+on CPU), channels-last UNet and VAE. docs/DESIGN.md target: >= 20 frames/s, merged, 128 -> 512, H100, bf16.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Writes ~40 synthetic clips (smooth textures, like real frames compress) into a temporary shard set,
 then times the training loader with 0 workers (decoding in the main process) and 1 worker, and
-reports clips/s per worker process (= per CPU core). DESIGN.md target: >= 20 clips/s per core.
+reports clips/s per worker process (= per CPU core). docs/DESIGN.md target: >= 20 clips/s per core.
 
 Usage: python benchmarks/bench_loader.py [--clips 40] [--batches 60] [--no-append]
 """
@@ -29,13 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import results_path  # noqa: E402
 
+from dlightning.contracts.shard_format import (
+    CAPTION_FIELD,
+    HR,
+    LQ,
+    MANIFEST_NAME,
+    META_FIELD,
+    encode_png,
+    frame_field,
+    manifest_document,
+    shard_file_name,
+)
 from dlightning.data.config import DataConfig, SourceConfig
 from dlightning.data.loader import build_train_dataloader
 from dlightning.data.synthetic import synthetic_clip
-
-
-def png(rgb: np.ndarray) -> bytes:
-    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
 def write_shards(folder: Path, clips: int, per_shard: int = 10) -> int:
@@ -43,22 +50,22 @@ def write_shards(folder: Path, clips: int, per_shard: int = 10) -> int:
     rng = np.random.default_rng(0)
     files, total = [], 0
     for s in range(0, clips, per_shard):
-        name = f"bench-{s // per_shard:06d}.tar"
+        name = shard_file_name("bench", s // per_shard)
         with wds.TarWriter(str(folder / name), mtime=0) as sink:
             for j in range(s, min(clips, s + per_shard)):
                 hr, lq = synthetic_clip(rng, frames=3, size=512, scale=4)
-                sample = {"__key__": f"bench_{j:04d}", "caption.txt": b""}
+                sample = {"__key__": f"bench_{j:04d}", CAPTION_FIELD: b""}
                 for i in range(3):
-                    sample[f"hr_{i:03d}.png"], sample[f"lq_{i:03d}.png"] = png(hr[i]), png(lq[i])
+                    sample[frame_field(HR, i)], sample[frame_field(LQ, i)] = encode_png(hr[i]), encode_png(lq[i])
                 total += sum(len(v) for k, v in sample.items() if k.endswith(".png"))
                 meta = {"kind": "video", "num_frames": 3, "hr_size": [512, 512], "lq_size": [128, 128],
                         "scale": 4}
-                sample["meta.json"] = json.dumps(meta).encode()
+                sample[META_FIELD] = json.dumps(meta).encode()
                 sink.write(sample)
         files.append(name)
     manifest = [{"file": f, "samples": per_shard, "bytes": (folder / f).stat().st_size,
                  "sha256": hashlib.sha256((folder / f).read_bytes()).hexdigest()} for f in files]
-    (folder / "manifest.json").write_text(json.dumps({"version": 1, "build_config": {}, "shards": manifest}))
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest_document({}, manifest)))
     return total // clips
 
 

@@ -44,8 +44,8 @@ from dlightning.config import load_config  # noqa: E402
 from dlightning.data.synthetic import synthetic_clip  # noqa: E402
 from dlightning.data.transforms import to_tensor  # noqa: E402
 from dlightning.models.generator import DLoRALGenerator  # noqa: E402
+from dlightning.train import build_module  # noqa: E402
 from dlightning.training.optim import build_optimizer, clip_group_norms, drop_inactive_gradients  # noqa: E402
-from dlightning.training.run import build_module  # noqa: E402
 from dlightning.training.schedule import PhaseSpec  # noqa: E402
 
 WEIGHTS = {

@@ -1,7 +1,7 @@
 """The REFERENCE training step (yjsunnn/DLoRAL ``train_DLoRAL.py``), re-implemented for timing only.
 
 It reuses dlightning's modules with the reference's settings and reproduces what makes that step slow
-(METHOD.md 1.1, 1.2, 3.4, 4.2, 4.5, 4.6, 9 items 2 and 19):
+(docs/METHOD.md 1.1, 1.2, 3.4, 4.2, 4.5, 4.6, 9 items 2 and 19):
 
 * the VAE requires grad and its encoder runs with autograd on (activations kept, VAE gradients
   computed every step and never cleared: the VAE is in no optimizer);
@@ -71,7 +71,7 @@ class ReferenceStep:
         groups = generator.parameter_groups()  # before the reference's requires_grad changes
         self.groups = {"quality": groups["d_lora"], "consistency": groups["c_lora"], "cfr": groups["cfr"],
                        "base": groups["conv_in"]}
-        generator.vae.requires_grad_(True)  # METHOD.md 1.1 [BUG]: never frozen in training
+        generator.vae.requires_grad_(True)  # docs/METHOD.md 1.1 [BUG]: never frozen in training
         teacher_dtype = torch.float16 if device.type == "cuda" else (
             torch.bfloat16 if precision == "bf16" else torch.float32)
         self.teacher = teacher_unet.to(device=device, dtype=teacher_dtype).requires_grad_(False).eval()

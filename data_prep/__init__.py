@@ -1,4 +1,1 @@
-"""Offline shard building for dlightning: ``python -m data_prep {build,verify,demo}``.
-
-A thin front end over ``dlightning.data`` (sources, degradation, shard writing, manifest).
-"""
+"""``python -m data_prep``: an alias of ``dlightning shards`` (offline shard building, :mod:`dlightning.shards`)."""

@@ -1,7 +1,14 @@
-"""The ``dlightning`` command line: one entry point with subcommands.
+"""The ``dlightning`` command line: one table of verbs, one error path.
 
-Every subcommand that reads a config takes ``--config FILE`` (repeatable; later files win) and
-trailing ``key=value`` overrides, e.g. ``dlightning fit --config configs/demo.yaml optim.lr=1e-4``.
+Each verb is a row of :data:`VERBS`: its name, its help, the function that adds its arguments and the
+function that runs it. A runner only translates the parsed arguments into a call of a plain function
+in the verb's own module (``dlightning.train.fit``, ``dlightning.export.export_checkpoint``, ...),
+imported when the verb runs, so ``dlightning --help`` stays fast. Every verb that reads a config takes
+``--config FILE`` (repeatable; later files win) and trailing ``key=value`` overrides, e.g.
+``dlightning fit --config configs/demo.yaml optim.lr=1e-4 data.sources.0.path=/data/reds``.
+
+Bad input (a config error, a missing weight file) ends with a one-line message naming the problem and
+the fix, exit code 2 and no traceback; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,95 +16,252 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from dlightning.errors import ConfigError, MissingWeightsError
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", action="append", default=[], help="YAML config file (repeatable)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+USAGE_ERROR = 2
+"""Exit code of every error caused by the user's input (``shards verify`` exits 1 for a damaged shard set)."""
 
 
-def _load(args: argparse.Namespace):
+@dataclass(frozen=True)
+class Verb:
+    """One ``dlightning`` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", action="append", default=[], help="YAML config file (repeatable)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.sources.0.path=X")
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--fresh", action="store_true", help="refuse to resume: start from scratch in an empty run_dir")
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="write the run folder and script, do not submit")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_run", help="folder for shards, run, export and video")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the demo training config")
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt file, a DeepSpeed checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--out", default=None, help="folder to write validation/step-XXXXXXXX/ into (default "
+                   "trainer.run_dir)")
+    p.add_argument("--lq-dir", default=None, help="overrides validation.lq_dir")
+    p.add_argument("--gt-dir", default=None, help="overrides validation.gt_dir")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--checkpoint", help="training checkpoint: a .ckpt file, a DeepSpeed checkpoint folder, or "
+                   "a run folder (its newest valid checkpoint)")
+    p.add_argument("--reference-pkl", help="the authors' model.pkl (needs --config for the base model)")
+    p.add_argument("--out", required=True, help="export folder (written as OUT.tmp, then renamed)")
+    p.add_argument("--consistency-only", action="store_true", help="fuse only C-LoRA (D scale 0)")
+    p.add_argument("--scale-consistency", type=float, default=1.0)
+    p.add_argument("--scale-detail", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--link-base", action="store_true", help="sd21: store the base path instead of copies")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    p.add_argument("--prompt", default="", help="default prompt stored in the export")
+
+
+def _upscale_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("OUT is a video when it has a video suffix (.mp4, .mkv, ...), else a folder of PNG "
+                     "frames; a frame-folder input always gives a frame folder.")
+    p.add_argument("input", help="video file, folder of frames, or folder of videos")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", required=True, help="export folder written by `dlightning export`")
+    p.add_argument("--batch-windows", type=int, help="(previous, current) windows per UNet call (4)")
+    p.add_argument("--tile-size", type=int, help="latent tile side (96)")
+    p.add_argument("--tile-overlap", type=int, help="latent tile overlap (32)")
+    p.add_argument("--vae-tile-size", type=int, help="pixel tile of the tiled VAE, 0 = off (1536)")
+    p.add_argument("--vae-tiling", choices=["shared_norm", "diffusers"],
+                   help="shared_norm: tiles use whole-frame GroupNorm statistics (default); diffusers: its tiling")
+    p.add_argument("--vae-tile-padding", type=int, help="latent margin around each VAE tile (11)")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="default: the export's")
+    p.add_argument("--prompt", help="default: the export's")
+    p.add_argument("--seed", type=int, help="seed of sampled VAE latents (42)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", help="auto: cuda when available")
+    p.add_argument("--max-frames", type=int, help="0 = all")
+    p.add_argument("--min-short-side", type=int, help="LQ frames with a shorter side are bicubic-enlarged (128)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels-last UNet and VAE")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+
+
+def _shards_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="shards_command", required=True, metavar="{build,verify,demo}")
+    build = sub.add_parser("build", help="build (or resume) a shard set from a config")
+    _config_args(build)
+    verify = sub.add_parser("verify", help="re-read every shard and check it against manifest.json")
+    verify.add_argument("out_dir")
+    verify.add_argument("--deep", action="store_true", help="also decode every frame and check its size")
+    demo = sub.add_parser("demo", help="build a small real shard set from skimage photographs (offline)")
+    demo.add_argument("out_dir")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=2")
+
+
+# ------------------------------------------------------------------------------------------ runners
+def _run_config(args: argparse.Namespace) -> int:
+    from dlightning.config import load_config, local_path_problems, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    problems = local_path_problems(cfg)
+    for problem in problems:
+        log.error("%s", problem)
+    return USAGE_ERROR if problems else 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
     from dlightning.config import load_config
-
-    return load_config(args.config, args.overrides)
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    """Print the resolved configuration."""
-    from dlightning.config import to_yaml
-
-    sys.stdout.write(to_yaml(_load(args)))
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print LoRA target counts and trainable parameters per group, built on the meta device."""
     from dlightning.models.inspect import format_inspection, inspect_model
 
-    cfg = _load(args)
-    sys.stdout.write(format_inspection(inspect_model(cfg.model)) + "\n")
+    sys.stdout.write(format_inspection(inspect_model(load_config(args.config, args.overrides).model)) + "\n")
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    """Train (or resume the newest valid checkpoint in trainer.run_dir)."""
-    from dlightning.training.run import fit
+def _run_fit(args: argparse.Namespace) -> int:
+    from dlightning.config import load_config
+    from dlightning.train import fit
 
-    fit(_load(args), fresh=args.fresh)
+    fit(load_config(args.config, args.overrides), fresh=args.fresh)
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the demo shards, train the tiny demo model, export it and upscale a sample video."""
+def _run_submit(args: argparse.Namespace) -> int:
+    from dlightning.config import load_config
+    from dlightning.train import submit
+
+    sys.stdout.write(f"{submit(load_config(args.config, args.overrides), dry_run=args.dry_run)}\n")
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from dlightning.validate import validate_checkpoint
+
+    metrics = validate_checkpoint(args.config, args.overrides, args.checkpoint, out=args.out,
+                                  lq_dir=args.lq_dir, gt_dir=args.gt_dir)
+    for key, value in sorted(metrics.items()):
+        sys.stdout.write(f"{key}: {value:.6g}\n")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from dlightning.export import export_checkpoint, export_reference
+    from dlightning.inference.config import ExportConfig
+
+    cfg = ExportConfig(scale_consistency=args.scale_consistency,
+                       scale_detail=0.0 if args.consistency_only else args.scale_detail,
+                       dtype=args.dtype, link_base=args.link_base, overwrite=args.overwrite,
+                       color_fix=args.color_fix, prompt=args.prompt)
+    if args.reference_pkl:
+        from dlightning.config import load_config
+
+        if not args.config:
+            raise ConfigError("--reference-pkl needs --config CFG (its model section describes the base model)")
+        export_reference(args.reference_pkl, load_config(args.config, args.overrides).model, args.out, cfg)
+    elif args.checkpoint:
+        export_checkpoint(args.checkpoint, args.out, cfg)
+    else:
+        raise ConfigError("give --checkpoint CKPT (or --reference-pkl model.pkl --config CFG)")
+    return 0
+
+
+_UPSCALE_OPTIONS = ("batch_windows", "tile_size", "tile_overlap", "vae_tile_size", "color_fix", "prompt", "seed",
+                    "dtype", "device", "max_frames", "min_short_side", "channels_last", "compile", "vae_tiling",
+                    "vae_tile_padding")
+
+
+def _run_upscale(args: argparse.Namespace) -> int:
+    from dlightning.inference.config import UpscaleConfig
+    from dlightning.inference.pipeline import upscale_exported
+
+    # Options left unset keep UpscaleConfig's defaults (one place defines them).
+    given = {name: getattr(args, name) for name in _UPSCALE_OPTIONS if getattr(args, name) is not None}
+    upscale_exported(args.model, args.input, args.output, UpscaleConfig(**given))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from dlightning.demo import run_demo
 
     run_demo(args.out, overrides=args.overrides)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="dlightning", description=__doc__.splitlines()[0])
+def _run_shards(args: argparse.Namespace) -> int:
+    from dlightning.shards.build import build_demo_shards, build_shards, verify_shards
+    from dlightning.shards.config import load_prep_config
+
+    if args.shards_command == "verify":
+        return 0 if verify_shards(args.out_dir, deep=args.deep).ok else 1
+    if args.shards_command == "demo":
+        result = build_demo_shards(args.out_dir, args.overrides)
+    else:
+        result = build_shards(load_prep_config(args.config, args.overrides))
+    log.info("built %d shard(s), reused %d, skipped %d input(s) -> %s", len(result.built), len(result.reused),
+             len(result.skipped), result.out_dir)
+    # The demo set is small and made for trying things out: check it end to end straight away.
+    return 0 if args.shards_command == "build" or verify_shards(result.out_dir).ok else 1
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb("fit", "train; resumes from the newest valid checkpoint in trainer.run_dir", _fit_args, _run_fit),
+    Verb("validate", "validation metrics and side-by-side videos of a checkpoint", _validate_args, _run_validate),
+    Verb("export", "fuse C/D-LoRA into the UNet and write a merged model folder", _export_args, _run_export),
+    Verb("upscale", "upscale a video / frame folder / folder of videos", _upscale_args, _run_upscale),
+    Verb("shards", "build and verify training shards (also: python -m data_prep)", _shards_args, _run_shards),
+    Verb("submit", "render the sbatch script into the run folder and submit it to SLURM", _submit_args,
+         _run_submit),
+    Verb("config", "print the resolved config, then check every local path it names (exit 2 if one is missing)",
+         _config_args, _run_config),
+    Verb("inspect", "LoRA targets and trainable parameter counts (meta device)", _config_args, _run_inspect),
+    Verb("demo", "tiny end-to-end demo on generated shards (CPU, minutes)", _demo_args, _run_demo),
+)
+
+
+def build_parser(prog: str = "dlightning") -> argparse.ArgumentParser:
+    """The argument parser with every verb of :data:`VERBS` registered."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands: list[tuple[str, Callable, str]] = [
-        ("config", cmd_config, "print the resolved config"),
-        ("inspect", cmd_inspect, "LoRA targets and trainable parameter counts (meta device)"),
-        ("fit", cmd_fit, "train; resumes from the newest valid checkpoint in trainer.run_dir"),
-    ]
-    for name, fn, help_text in commands:
-        p = sub.add_parser(name, help=help_text)
-        _add_config_args(p)
-        p.set_defaults(func=fn)
-        if name == "fit":
-            p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in run_dir")
-    demo = sub.add_parser("demo", help="tiny end-to-end demo on generated shards (CPU, minutes)")
-    demo.add_argument("--out", default="demo_run", help="folder for shards, run, export and video")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides for the demo training config")
-    demo.set_defaults(func=cmd_demo)
-    _register_optional(sub)
+    for verb in VERBS:
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
+        verb.add_arguments(p)
+        p.set_defaults(run=verb.run)
     return parser
 
 
-def _register_optional(sub: argparse._SubParsersAction) -> None:
-    """Subcommands that live in their own modules (export, upscale, validate)."""
-    from dlightning import cli_extra
-
-    cli_extra.register(sub, _add_config_args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dlightning`` console script."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = "dlightning") -> int:
+    """Entry point of the ``dlightning`` console script; returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(args.run(args) or 0)
     except (ConfigError, MissingWeightsError) as err:
+        if args.debug:
+            raise
         log.error("%s", err)
-        return 2
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

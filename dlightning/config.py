@@ -1,54 +1,36 @@
-"""Typed configuration: dataclass schema, OmegaConf merge of defaults, YAML files and overrides.
+"""The whole run's configuration: ``RootConfig`` composes every component's section.
 
-``load_config(["a.yaml", "b.yaml"], ["optim.lr=1e-4"])`` returns a ``RootConfig`` of real
-dataclasses. Unknown or misspelt keys fail before anything heavy starts, with an error that names
-the key and the closest valid one. Each component receives only its own section.
+This module sits at the top of the package with the other composition roots: it imports each
+component's config section, and nothing below it imports it. Loading goes through the project's one
+loader and override grammar (:mod:`dlightning.contracts.config_io`), so
+``load_config(["a.yaml", "b.yaml"], ["data.sources.0.path=/data/reds"])`` returns a ``RootConfig``
+of real dataclasses, and an unknown key fails with the closest valid one. Settings derived from
+several sections (the mask mode, the gradient sync, the DeepSpeed limits) are resolved here, once,
+when the config loads; every component reads the resolved values.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from dlightning.contracts import config_io
 from dlightning.data.config import DataConfig
 from dlightning.errors import ConfigError
 from dlightning.inference.config import ValidationConfig
-from dlightning.launch_config import LaunchConfig
+from dlightning.launch.config import LaunchConfig
 from dlightning.losses.config import LossConfig
-from dlightning.models.config import ModelConfig, check_choice
+from dlightning.models.config import ModelConfig
+from dlightning.tracking.config import LoggingConfig
 from dlightning.training.config import (
     OptimConfig,
     ScheduleConfig,
     TrainerConfig,
-    check_deepspeed_precision,
-    global_clip_norm,
+    check_deepspeed_limits,
     resolve_grad_sync,
+    resolve_mask_mode,
 )
-
-
-@dataclass
-class LoggingConfig:
-    """Experiment tracking through Lightning's loggers."""
-
-    backend: str = "csv"
-    """wandb | tensorboard | csv | none."""
-    wandb_mode: str = "auto"
-    """auto (online when WANDB_API_KEY is set, else offline) | online | offline | disabled."""
-    project: str = "dlightning"
-    entity: str | None = None
-    run_name: str | None = None
-
-    def __post_init__(self) -> None:
-        check_choice("logging", "backend", self.backend, ("wandb", "tensorboard", "csv", "none"))
-        check_choice("logging", "wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
 
 
 @dataclass
@@ -66,18 +48,10 @@ class RootConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
-        if self.trainer.strategy.startswith("deepspeed"):
-            # ZeRO-2 partitions gradients: DDP-style no_sync accumulation and per-group gradient dropping
-            # are not available there (INTEGRATION.md C1).
-            if self.optim.accumulate != 1:
-                raise ConfigError("optim.accumulate must be 1 under trainer.strategy=deepspeed_*: raise "
-                                  "data.batch_size instead, or use trainer.strategy=ddp")
-            if self.optim.mask_mode == "drop_grad":
-                raise ConfigError("optim.mask_mode=drop_grad cannot work under DeepSpeed ZeRO (gradients are "
-                                  "partitioned); use auto or zero_lr")
-            check_deepspeed_precision(self.trainer.precision)
-            global_clip_norm(self.optim.clip_norm)
-        resolve_grad_sync(self.trainer, self.optim)
+        check_deepspeed_limits(self.trainer, self.optim)
+        # Resolved in place: the run folder's config.yaml and the checkpoint record what ran.
+        self.optim.mask_mode = resolve_mask_mode(self.optim.mask_mode, self.trainer.strategy)
+        self.trainer.grad_sync = resolve_grad_sync(self.trainer, self.optim)
         if self.data.scale != self.model.scale:
             raise ConfigError(
                 f"data.scale={self.data.scale} differs from model.scale={self.model.scale}; set both to "
@@ -85,110 +59,83 @@ class RootConfig:
             )
 
 
-def _dataclass_field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _path_problem(key: str, value: str | None, what: str, *, folder: bool = False) -> str | None:
+    """A problem line when ``value`` names no existing file (or folder), else None."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    exists = path.is_dir() if folder else path.exists()
+    return None if exists else f"{key}={value!r} does not exist; put {what} there"
 
 
-def _element_dataclass(annotation: Any) -> type | None:
-    """The dataclass held by ``list[SomeDataclass]`` / ``SomeDataclass | None`` annotations, if any."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _element_dataclass(arg)
-        if found is not None:
-            return found
-    return None
+def local_path_problems(cfg: RootConfig, *, validation: bool | None = None) -> list[str]:
+    """Every local path the run needs that is unset or missing, as one line each (empty when all are there).
 
-
-def _is_mapping_annotation(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is dict
-
-
-def check_keys(user: Any, cls: type, prefix: str = "") -> None:
-    """Raise ConfigError for the first key in ``user`` (a plain dict) that ``cls`` does not define."""
-    if not isinstance(user, dict):
-        return
-    types = _dataclass_field_types(cls)
-    for key, value in user.items():
-        path = f"{prefix}{key}"
-        if key not in types:
-            close = difflib.get_close_matches(str(key), list(types), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {sorted(types)}")
-        annotation = types[key]
-        if _is_mapping_annotation(annotation):
-            continue
-        sub = _element_dataclass(annotation)
-        if sub is None:
-            continue
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                check_keys(item, sub, f"{path}[{i}].")
-        else:
-            check_keys(value, sub, f"{path}.")
-
-
-def _load_yaml(path: str | Path) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist; pass an existing YAML with --config")
-    loaded = OmegaConf.load(file)
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"config file {file} must hold a mapping at the top level")
-    return OmegaConf.to_container(loaded, resolve=True)  # type: ignore[return-value]
-
-
-def _parse_overrides(overrides: Sequence[str]) -> dict:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=1e-4")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)  # type: ignore
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
-
-
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), cls: type = RootConfig):
-    """Merge the schema defaults, YAML ``files`` (in order) and ``key=value`` overrides.
+    Checked by ``dlightning config``, ``fit`` and ``submit`` before anything is built or written.
 
     Args:
-        files: YAML files; later files override earlier ones.
-        overrides: dot-list overrides such as ``optim.lr=1e-4``.
-        cls: the schema dataclass (``RootConfig`` by default).
+        cfg: The resolved config.
+        validation: Check the ``validation`` section's paths too (default: when validation runs
+            during training, ``validation.every_n_steps > 0``).
+    """
+    if validation is None:
+        validation = cfg.validation.every_n_steps > 0
+    problems = []
+    if cfg.model.preset == "sd21" and cfg.model.pretrained_path is None:
+        problems.append("model.pretrained_path is not set; model.preset=sd21 needs a local stable-diffusion-2-1-base "
+                        "folder (diffusers layout)")
+    if cfg.loss.lpips.backbone_path is None and not cfg.loss.lpips.allow_random_backbone:
+        problems.append("loss.lpips.backbone_path is not set; put the torchvision VGG-16 ImageNet weights "
+                        "(vgg16-397923af.pth) there, or set loss.lpips.allow_random_backbone=true for a toy run")
+    checks = [
+        ("model.pretrained_path", cfg.model.pretrained_path, "a stable-diffusion-2-1-base folder", True),
+        ("model.cfr.spynet_path", cfg.model.cfr.spynet_path, "the SPyNet weights (BasicVSR layout)", False),
+        ("loss.lpips.backbone_path", cfg.loss.lpips.backbone_path, "the torchvision VGG-16 weights", False),
+        ("loss.temporal.flow_path", cfg.loss.temporal.flow_path, "the SPyNet weights of the flow net", False),
+        ("validation.flow_path", cfg.validation.flow_path, "the SPyNet weights for E*warp", False),
+        ("validation.lpips.backbone_path", cfg.validation.lpips.backbone_path, "the torchvision VGG-16 weights",
+         False),
+        ("validation.shards", cfg.validation.shards, "a shard set (dlightning shards build)", True),
+        ("validation.lq_dir", cfg.validation.lq_dir, "a folder of LQ videos or frame folders", True),
+        ("validation.gt_dir", cfg.validation.gt_dir, "a folder of GT videos or frame folders", True),
+    ]
+    if not validation:
+        checks = [c for c in checks if not c[0].startswith("validation.")]
+    if cfg.data.backend == "shards":
+        checks += [(f"data.sources.{i}.path", src.path, "a shard set (dlightning shards build)", True)
+                   for i, src in enumerate(cfg.data.sources)]
+    if cfg.model.preset != "sd21":
+        checks = checks[1:]  # the tiny and meta presets read no base folder
+    problems += [p for key, value, what, folder in checks if (p := _path_problem(key, value, what, folder=folder))]
+    return problems
 
-    Returns:
-        An instance of ``cls`` with every section validated.
+
+def check_local_paths(cfg: RootConfig, *, validation: bool | None = None) -> None:
+    """Raise one ConfigError listing every missing local path of :func:`local_path_problems`."""
+    problems = local_path_problems(cfg, validation=validation)
+    if problems:
+        raise ConfigError("missing local files:\n  " + "\n  ".join(problems))
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RootConfig:
+    """Merge the defaults, YAML ``files`` (in order) and ``key=value`` overrides into a RootConfig.
 
     Raises:
-        ConfigError: unknown keys (with the closest valid key), wrong types or invalid values.
+        ConfigError: Unknown keys (with the closest valid key), wrong types or invalid values.
     """
-    layers = [_load_yaml(f) for f in files] + [_parse_overrides(overrides)]
-    for layer in layers:
-        check_keys(layer, cls)
-    schema = OmegaConf.structured(cls)
-    try:
-        merged = OmegaConf.merge(schema, *layers)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid configuration: {err}") from err
+    return config_io.load_config(files, overrides, cls=RootConfig)
 
 
-def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML (written next to every checkpoint and into the run folder)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RootConfig) -> str:
+    """The resolved config as YAML (written into the run folder)."""
+    return config_io.to_yaml(cfg)
 
 
-def to_container(cfg: Any) -> dict:
-    """The resolved config as plain Python types (safe for ``torch.load(weights_only=True)``)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+def to_container(cfg: RootConfig) -> dict:
+    """The resolved config as plain Python types (stored in every checkpoint)."""
+    return config_io.to_container(cfg)
 
 
-def from_container(data: dict, cls: type = RootConfig):
-    """Rebuild a config dataclass from ``to_container`` output (e.g. read back from a checkpoint)."""
-    check_keys(data, cls)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
-
-
-__all__ = ["RootConfig", "LoggingConfig", "load_config", "to_yaml", "to_container", "from_container",
-           "check_keys"]
+def from_container(data: dict) -> RootConfig:
+    """Rebuild a RootConfig from :func:`to_container` output (e.g. read back from a checkpoint)."""
+    return config_io.from_container(data, RootConfig)

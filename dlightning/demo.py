@@ -11,25 +11,26 @@ from fractions import Fraction
 from pathlib import Path
 
 from dlightning.config import RootConfig, load_config
-from dlightning.errors import ConfigError
+from dlightning.resources import shipped_config
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo.yaml"
+"""The shipped training config of the demo (package data, so an installed dlightning runs the demo)."""
 
 
 def build_demo_shards(out: Path) -> dict[str, Path]:
     """Two shard sets from the skimage photographs: pan/zoom "video" clips and camera-path image clips."""
-    from data_prep.cli import build, verify
-    from dlightning.data.prep_config import demo_config
+    from dlightning.shards.build import build_shards, verify_shards
+    from dlightning.shards.config import demo_config
 
     sets = {}
     for kind in ("video", "image"):
         cfg = demo_config(str(out / kind))
         cfg.sources[0].demo_kinds = [kind]
-        build(cfg)
-        if verify(str(out / kind)) != 0:
+        build_shards(cfg)
+        if not verify_shards(out / kind).ok:
             raise RuntimeError(f"demo shard set {out / kind} failed verification")
         sets[kind] = out / kind
     return sets
@@ -37,15 +38,13 @@ def build_demo_shards(out: Path) -> dict[str, Path]:
 
 def demo_training_config(out: Path, overrides: Sequence[str] = ()) -> RootConfig:
     """configs/demo.yaml with the shard and run paths under ``out``."""
-    if not DEMO_CONFIG.is_file():
-        raise ConfigError(f"{DEMO_CONFIG} not found; run the demo from a checkout of the repository")
     paths = [
         f"trainer.run_dir={out / 'run'}",
         f"data.sources=[{{path: '{out / 'shards' / 'video'}', weight_consistency: 1.0, weight_detail: 0.0}},"
         f" {{path: '{out / 'shards' / 'image'}', weight_consistency: 0.0, weight_detail: 1.0}}]",
         f"validation.shards={out / 'shards' / 'video'}",
     ]
-    return load_config([DEMO_CONFIG], [*paths, *overrides])
+    return load_config([shipped_config(DEMO_CONFIG)], [*paths, *overrides])
 
 
 def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> dict[str, Path]:
@@ -58,8 +57,8 @@ def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> dict[str, Path]:
     Returns:
         The paths of the shards, run folder, export and upscaled video.
     """
+    from dlightning.train import fit
     from dlightning.training.probe import PhaseProbe
-    from dlightning.training.run import fit
 
     out = Path(out).resolve()
     cfg = demo_training_config(out, overrides)  # fail on bad overrides before any work
@@ -84,8 +83,8 @@ def write_demo_video(path: Path, *, frames: int = 12, size: tuple[int, int] = (4
     import cv2
     from skimage import data as skdata
 
-    from dlightning.data.camera_path import linear_pan_zoom_path, render_camera_path
     from dlightning.inference.video_io import VideoWriter
+    from dlightning.shards.camera_path import linear_pan_zoom_path, render_camera_path
 
     image = skdata.astronaut()
     hr = render_camera_path(image, linear_pan_zoom_path(frames, [-40, -20, 0, 0.5], [40, 20, 2, 0.55]),
@@ -98,10 +97,10 @@ def write_demo_video(path: Path, *, frames: int = 12, size: tuple[int, int] = (4
 
 
 def _export_and_upscale(out: Path, cfg: RootConfig) -> dict[str, Path]:
+    from dlightning.contracts.checkpoint_format import resolve_resume_checkpoint
     from dlightning.export import export_checkpoint
     from dlightning.inference.config import ExportConfig, UpscaleConfig
     from dlightning.inference.pipeline import upscale_exported
-    from dlightning.training.checkpointing import resolve_resume_checkpoint
 
     ckpt = resolve_resume_checkpoint(cfg.trainer.run_dir)
     if ckpt is None:

@@ -1,23 +1,16 @@
 """Export: fuse C-LoRA and D-LoRA into the UNet and write one merged single-step model folder.
 
-Recipe (INTEGRATION.md C2), all in fp32: set each family's scale on its peft layers
+Recipe (docs/INTEGRATION.md C2), all in fp32: set each family's scale on its peft layers
 (:func:`dlightning.models.lora.set_family_scales`), ``unet.fuse_lora(adapter_names=all six,
 lora_scale=1.0)`` (peft's merge uses each adapter's current scaling, so the per-family scales are what
 is fused), ``unet.unload_lora()``, check that ``conv_in`` is a plain 8-channel Conv2d and
-``unet.config.in_channels == 8``, cast, ``save_pretrained(safe_serialization=True)``.
-
-Folder layout (written to ``DIR.tmp`` and renamed to ``DIR`` at the end)::
-
-    DIR/unet/                      merged UNet (diffusers, safetensors)
-    DIR/cfr.safetensors            CFR: spynet.* and cross_attn_module.* (reference key layout, fp32)
-    DIR/vae/ text_encoder/ tokenizer/ scheduler/   copied base components (unless link_base)
-    DIR/dlightning_export.json     how to run it (see ``export_metadata``)
+``unet.config.in_channels == 8``, cast, ``save_pretrained(safe_serialization=True)``. The folder
+format is the contract in :mod:`dlightning.contracts.export_format`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,21 +18,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlightning.errors import ConfigError, MissingWeightsError
+from dlightning.contracts import export_format
+from dlightning.contracts.checkpoint_format import read_training_checkpoint
+from dlightning.contracts.config_io import to_container
+from dlightning.errors import ConfigError
 from dlightning.inference.config import ExportConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import DLoRALGenerator
 from dlightning.models.lora import FAMILY_SUFFIX, set_family_scales
-from dlightning.models.state import copy_tensors
-from dlightning.training.checkpointing import read_checkpoint_payload, resolve_checkpoint_argument
+from dlightning.models.restore import restore_generator
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-EXPORT_FILE = "dlightning_export.json"
-CFR_FILE = "cfr.safetensors"
-EXPORT_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""torch dtypes of ``export_format.WEIGHT_DTYPES``."""
 
 
 def dlightning_version() -> str:
@@ -48,67 +41,6 @@ def dlightning_version() -> str:
         return importlib.metadata.version("dlightning")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Trainable tensors and resolved config of a dlightning training checkpoint.
-
-    Args:
-        path: A ``.ckpt`` written by the trainer, a file or a DeepSpeed directory (read with
-            ``weights_only=True``), or a run folder (its newest valid checkpoint).
-
-    Returns:
-        ``(state_dict, config)``: tensors under ``generator.<...>`` keys and the RootConfig as a dict.
-
-    Raises:
-        MissingWeightsError: The file is absent or not a dlightning training checkpoint.
-    """
-    path = resolve_checkpoint_argument(path)
-    ckpt = read_checkpoint_payload(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("dlightning", {}):
-        raise MissingWeightsError(f"{path} is not a dlightning training checkpoint (no state_dict or "
-                                  "dlightning.config); for the authors' model.pkl use --reference-pkl")
-    return ckpt["state_dict"], ckpt["dlightning"]["config"]
-
-
-def model_config_from(config: dict[str, Any]) -> ModelConfig:
-    """The ``model`` section of a stored RootConfig dict as a ModelConfig."""
-    from dlightning.config import from_container
-
-    if "model" not in config:
-        raise ConfigError("the checkpoint's stored config has no 'model' section")
-    return from_container(config["model"], ModelConfig)
-
-
-def load_trainable(generator: DLoRALGenerator, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy the checkpoint's ``generator.*`` tensors into ``generator``; every trainable one must be there.
-
-    Raises:
-        MissingWeightsError: A trainable tensor is missing or has the wrong shape.
-    """
-    own = dict(generator.named_parameters())
-    trainable = sorted(n for n, p in own.items() if p.requires_grad)
-    theirs = {k[len("generator."):]: v for k, v in state_dict.items() if k.startswith("generator.")}
-    copy_tensors(own, theirs, trainable, source="the training checkpoint (generator built from its config)")
-
-
-def generator_from_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None,
-                              ) -> tuple[DLoRALGenerator, dict[str, Any]]:
-    """Rebuild the generator of a training checkpoint (base weights from its model config) and load it.
-
-    Args:
-        path: Training checkpoint.
-        model_cfg: Use this model section instead of the stored one (e.g. another pretrained_path).
-
-    Returns:
-        ``(generator in eval mode, stored RootConfig dict)``.
-    """
-    state, config = read_training_checkpoint(path)
-    cfg = model_cfg or model_config_from(config)
-    gen = DLoRALGenerator(cfg).eval()
-    load_trainable(gen, state)
-    return gen, config
 
 
 # ------------------------------------------------------------------------------------------ fusing
@@ -162,12 +94,9 @@ def fuse_families(unet: nn.Module, consistency: float = 1.0, detail: float = 1.0
 # ------------------------------------------------------------------------------------------ writing
 def export_metadata(generator: DLoRALGenerator, cfg: ExportConfig, fused: dict[str, float], source: str,
                     ) -> dict[str, Any]:
-    """The ``dlightning_export.json`` content: everything needed to run the merged model."""
-    from dlightning.config import to_container
-
+    """The export metadata (:mod:`dlightning.contracts.export_format`): everything needed to run the model."""
     m = generator.cfg
     return {
-        "format": EXPORT_FORMAT,
         "dlightning_version": dlightning_version(),
         "source_checkpoint": source,
         "timestep": m.timestep,
@@ -190,7 +119,7 @@ def export_metadata(generator: DLoRALGenerator, cfg: ExportConfig, fused: dict[s
 def _prepare_target(out: Path, overwrite: bool) -> Path:
     occupied = any(out.iterdir()) if out.is_dir() else out.exists()
     if occupied:
-        what = "an export" if (out / EXPORT_FILE).is_file() else "files"
+        what = "an export" if (out / export_format.METADATA_FILE).is_file() else "files"
         if not overwrite:
             raise FileExistsError(f"{out} already holds {what}; choose another folder or pass --overwrite")
     tmp = out.with_name(out.name + ".tmp")
@@ -227,17 +156,16 @@ def export_generator(generator: DLoRALGenerator, out: str | Path, cfg: ExportCon
     fused = {"consistency": float(cfg.scale_consistency), "detail": float(cfg.scale_detail)}
     names = fuse_families(generator.unet, **fused)
     log.info("fused %d adapters at scales %s", len(names), fused)
-    generator.unet.to(dtype).save_pretrained(tmp / "unet", safe_serialization=True)
+    generator.unet.to(dtype).save_pretrained(tmp / export_format.UNET_DIR, safe_serialization=True)
     cfr_sd = {k: v.detach().float().contiguous().cpu() for k, v in generator.cfr.reference_state_dict().items()}
-    save_file(cfr_sd, str(tmp / CFR_FILE))
+    save_file(cfr_sd, str(tmp / export_format.CFR_FILE))
     if not cfg.link_base:
         generator.vae.to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
         generator.prompt_encoder.text_encoder.to(dtype).save_pretrained(tmp / "text_encoder",
                                                                          safe_serialization=True)
         generator.prompt_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
         _noise_scheduler(generator).save_pretrained(tmp / "scheduler")
-    meta = export_metadata(generator, cfg, fused, source)
-    (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+    export_format.write_metadata(tmp, export_metadata(generator, cfg, fused, source))
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
@@ -259,8 +187,8 @@ def _noise_scheduler(generator: DLoRALGenerator):
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> Path:
     """Export a dlightning training checkpoint (see :func:`export_generator`)."""
-    gen, _ = generator_from_checkpoint(checkpoint)
-    return export_generator(gen, out, cfg, source=str(checkpoint))
+    ckpt = read_training_checkpoint(checkpoint)
+    return export_generator(restore_generator(ckpt), out, cfg, source=str(checkpoint))
 
 
 def export_reference(pkl: str | Path, model_cfg: ModelConfig, out: str | Path,

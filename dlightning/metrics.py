@@ -1,4 +1,4 @@
-"""Evaluation metrics: PSNR, SSIM, LPIPS and E*warp (DATA.md 4.1, 4.2).
+"""Evaluation metrics: PSNR, SSIM, LPIPS and E*warp (docs/DATA.md 4.1, 4.2).
 
 Conventions (see docs/METRICS.md):
 

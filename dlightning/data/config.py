@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlightning.contracts.config_io import check_choice
 from dlightning.errors import ConfigError
-from dlightning.models.config import check_choice
 
 
 @dataclass

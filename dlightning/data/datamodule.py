@@ -6,7 +6,7 @@ checkpoint and calls ``load_state_dict()`` on restore, before ``train_dataloader
 starts at that micro-batch, so phases stay aligned with the optimizer step. ``resume_count`` grows by
 one per restore and is folded into the shard stream seeds: a resumed WebDataset run draws a fresh
 stream instead of replaying the start of the first epoch (WebDataset offers no exact mid-epoch
-resume, DATA.md 0.4). The synthetic backend ignores it and resumes bit for bit.
+resume, docs/DATA.md 0.4). The synthetic backend ignores it and resumes bit for bit.
 
 Skip counts: every batch carries ``batch["skipped"]`` (counts since the worker's previous batch);
 ``on_before_batch_transfer`` pops it in the main process and adds it to ``skip_counts()``. Lightning
@@ -22,39 +22,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from dlightning.contracts.phases import PHASES, PhaseFn
 from dlightning.data.config import DataConfig
-from dlightning.data.loader import (
-    PHASES,
-    PhaseFn,
-    build_train_dataloader,
-    check_phase_weights,
-    load_shard_urls,
-)
-from dlightning.errors import ConfigError
-
-
-class SchedulePhase:
-    """Picklable ``phase_fn``: micro-batch m -> ``phase_at(m // accumulate, schedule).phase``.
-
-    Args:
-        schedule: The ``ScheduleConfig`` section.
-        accumulate: Micro-batches per optimizer step (``optim.accumulate``).
-    """
-
-    def __init__(self, schedule: Any, accumulate: int = 1) -> None:
-        from dlightning.training.schedule import resolve_segments
-
-        if accumulate < 1:
-            raise ConfigError("optim.accumulate must be >= 1")
-        self.schedule, self.accumulate = schedule, accumulate
-        self.phases = tuple(sorted({seg.phase for seg in resolve_segments(schedule)}))
-        """Phases the schedule uses."""
-
-    def __call__(self, micro_batch: int) -> str:
-        """Phase of micro-batch ``micro_batch``."""
-        from dlightning.training.schedule import phase_at
-
-        return phase_at(micro_batch // self.accumulate, self.schedule).phase
+from dlightning.data.loader import build_train_dataloader, check_phase_weights, load_shard_urls
 
 
 class VSRDataModule(L.LightningDataModule):
@@ -62,22 +32,16 @@ class VSRDataModule(L.LightningDataModule):
 
     Args:
         cfg: The ``data`` config section.
-        phase_fn: Micro-batch index -> phase. Default: ``SchedulePhase(schedule, accumulate)``.
-        schedule: The ``schedule`` section (used when ``phase_fn`` is not given).
-        accumulate: Micro-batches per optimizer step.
+        phase_fn: Micro-batch index -> phase; the composition root builds it from the schedule
+            (``dlightning.training.schedule.SchedulePhase``), so the data layer never reads the schedule.
         phases: Phases that occur (default: ``phase_fn.phases`` if it has them, else both).
         rank: Overrides the rank read from the trainer in ``setup`` (tests, tools).
         world_size: Overrides the world size read from the trainer.
     """
 
-    def __init__(self, cfg: DataConfig, *, phase_fn: PhaseFn | None = None, schedule: Any = None,
-                 accumulate: int = 1, phases: Sequence[str] | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(self, cfg: DataConfig, *, phase_fn: PhaseFn, phases: Sequence[str] | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
-        if phase_fn is None:
-            if schedule is None:
-                raise ConfigError("VSRDataModule needs phase_fn or schedule (the schedule section)")
-            phase_fn = SchedulePhase(schedule, accumulate)
         self.cfg, self.phase_fn = cfg, phase_fn
         self.phases = tuple(phases or getattr(phase_fn, "phases", PHASES))
         self.rank, self.world_size = rank, world_size

@@ -1,6 +1,6 @@
 """Training loader: WebDataset shard sets -> phase-aware batches of aligned HR/LQ clips.
 
-Design (DATA.md 2, INTEGRATION.md C3, METHOD.md 12.5):
+Design (docs/DATA.md 2, docs/INTEGRATION.md C3, docs/METHOD.md 12.5):
 
 * The unit of work is a whole **micro-batch**. ``MicroBatchDataset`` is an ``IterableDataset`` whose
   items are finished batches (use ``DataLoader(batch_size=None)``). PyTorch's DataLoader asks its W
@@ -38,13 +38,24 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dlightning.contracts.shard_format import (
+    CAPTION_FIELD,
+    FRAME_PREFIXES,
+    HR,
+    LQ,
+    META_FIELD,
+    FrameDecodeError,
+    decode_png,
+    frame_field,
+    manifest_shard_files,
+    read_manifest,
+)
 from dlightning.data.config import DataConfig
 from dlightning.data.transforms import (
     Dihedral,
     SampleError,
     check_pair_sizes,
     collate_clips,
-    decode_png,
     derive_seed,
     random_aligned_crop,
     random_window,
@@ -89,7 +100,7 @@ class SkipCounter:
         if self._consecutive >= self.max_consecutive:
             raise RuntimeError(
                 f"data: {self._consecutive} bad samples/shards in a row {self.context} "
-                f"(counts {dict(self.totals)}); check the shard set with `python -m data_prep verify` "
+                f"(counts {dict(self.totals)}); check the shard set with `dlightning shards verify` "
                 "or raise data.max_consecutive_skips")
 
     def ok(self) -> None:
@@ -146,7 +157,7 @@ def load_shard_urls(cfg: DataConfig, *, world_size: int) -> list[list[str]]:
     for i, shards in enumerate(urls):
         if len(shards) >= needed:
             continue
-        key = f"data.sources[{i}].path={cfg.sources[i].path!r}"
+        key = f"data.sources.{i}.path={cfg.sources[i].path!r}"
         if not cfg.resampled:
             raise ConfigError(
                 f"{key} has {len(shards)} shards but data.resampled=false needs at least "
@@ -160,18 +171,14 @@ def load_shard_urls(cfg: DataConfig, *, world_size: int) -> list[list[str]]:
 
 
 def _source_urls(index: int, path: str) -> list[str]:
-    key = f"data.sources[{index}].path"
+    key = f"data.sources.{index}.path"
     folder = Path(path)
-    manifest_path = folder / "manifest.json"
     if not folder.is_dir():
         raise ConfigError(f"{key}={path!r} is not a folder; point it at a shard set written by data_prep")
-    if not manifest_path.is_file():
-        raise ConfigError(f"{key}={path!r} has no manifest.json; (re)build it with data_prep")
     try:
-        entries = json.loads(manifest_path.read_text())["shards"]
-        files = [str(e["file"]) for e in entries]
-    except (ValueError, KeyError, TypeError) as exn:
-        raise ConfigError(f"{key}: {manifest_path} is not a valid manifest ({exn!r})") from exn
+        files = manifest_shard_files(read_manifest(folder))
+    except ConfigError as exn:
+        raise ConfigError(f"{key}={path!r}: {exn}") from exn
     present = [str(folder / f) for f in files if (folder / f).is_file()]
     if len(present) < len(files):
         log.warning("%s=%r: %d of %d shards listed in manifest.json are missing; reading the others",
@@ -202,7 +209,7 @@ def _weight(source, phase: str) -> float:
 def validate_samples(src: Iterator[dict], *, counter: SkipCounter, min_frames: int) -> Iterator[dict]:
     """Pipeline stage: drop samples lacking meta.json or any of their num_frames HR/LQ PNGs.
 
-    A truncated tar can yield a sample with its last fields missing (DATA.md 2.2); such samples are
+    A truncated tar can yield a sample with its last fields missing (docs/DATA.md 2.2); such samples are
     counted as ``missing_field`` and never passed on. Adds the parsed meta as ``sample["__meta__"]``.
     """
     for sample in src:
@@ -213,21 +220,28 @@ def validate_samples(src: Iterator[dict], *, counter: SkipCounter, min_frames: i
 
 
 def _validated(sample: dict, min_frames: int) -> dict:
-    if not sample.get("meta.json"):
-        raise SampleError("missing_field", "meta.json")
+    if not sample.get(META_FIELD):
+        raise SampleError("missing_field", META_FIELD)
     try:
-        meta = json.loads(sample["meta.json"])
+        meta = json.loads(sample[META_FIELD])
         num_frames = int(meta["num_frames"])
     except (ValueError, KeyError, TypeError) as exn:
         raise SampleError("bad_meta", repr(exn)) from exn
     if num_frames < min_frames:
         raise SampleError("too_few_frames", f"{num_frames} < data.frames={min_frames}")
     for i in range(num_frames):
-        for kind in ("hr", "lq"):
-            if not sample.get(f"{kind}_{i:03d}.png"):
-                raise SampleError("missing_field", f"{kind}_{i:03d}.png")
+        for kind in FRAME_PREFIXES:
+            if not sample.get(frame_field(kind, i)):
+                raise SampleError("missing_field", frame_field(kind, i))
     sample["__meta__"] = meta
     return sample
+
+
+def _decode_frame(data: bytes) -> np.ndarray:
+    try:
+        return decode_png(data)
+    except FrameDecodeError as err:
+        raise SampleError("decode_error") from err
 
 
 def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
@@ -239,8 +253,8 @@ def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator) -> dic
     meta = sample["__meta__"]
     t0 = random_window(int(meta["num_frames"]), cfg.frames, rng)
     window = range(t0, t0 + cfg.frames)
-    hr = stack_frames([decode_png(sample[f"hr_{i:03d}.png"]) for i in window], "hr")
-    lq = stack_frames([decode_png(sample[f"lq_{i:03d}.png"]) for i in window], "lq")
+    hr = stack_frames([_decode_frame(sample[frame_field(HR, i)]) for i in window], HR)
+    lq = stack_frames([_decode_frame(sample[frame_field(LQ, i)]) for i in window], LQ)
     if "hr_size" in meta and list(hr.shape[1:3]) != list(meta["hr_size"]):
         raise SampleError("size_mismatch", f"hr {hr.shape[1:3]} vs meta.hr_size {meta['hr_size']}")
     check_pair_sizes(hr, lq, scale=cfg.scale, crop_size=cfg.crop_size)
@@ -248,7 +262,7 @@ def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator) -> dic
     if cfg.augment:
         flip = Dihedral.draw(rng)
         hr, lq = flip.apply(hr), flip.apply(lq)
-    caption = sample.get("caption.txt", b"")
+    caption = sample.get(CAPTION_FIELD, b"")
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8", errors="replace")
     return {"hr": to_tensor(hr), "lq": to_tensor(lq), "key": sample["__key__"], "caption": str(caption),
@@ -310,7 +324,7 @@ class ShardBatchBuilder:
                                                 _TAG_BATCH))
         source = choose_source(self.cfg, phase, rng)
         stream = self._stream(source, micro_batch % self.cfg.streams, epoch)
-        self.counter.context = f"from data.sources[{source}].path={self.cfg.sources[source].path!r}"
+        self.counter.context = f"from data.sources.{source}.path={self.cfg.sources[source].path!r}"
         clips = [self._next_clip(stream, rng) for _ in range(self.cfg.batch_size)]
         return collate_clips(clips, micro_batch=micro_batch, skipped=self.counter.pop())
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
@@ -31,19 +30,6 @@ def derive_seed(*values: int) -> int:
         An int in [0, 2**32).
     """
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint32)[0])
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to an RGB uint8 array (H, W, 3).
-
-    Raises:
-        SampleError: ``decode_error`` when the bytes are not a decodable image.
-    """
-    buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-    if image is None or image.ndim != 3 or image.shape[2] != 3:
-        raise SampleError("decode_error")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def stack_frames(frames: list[np.ndarray], what: str) -> np.ndarray:

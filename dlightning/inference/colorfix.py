@@ -1,4 +1,4 @@
-"""Colour correction of the output against the bicubic-upsampled LQ frame (METHOD.md 7.6).
+"""Colour correction of the output against the bicubic-upsampled LQ frame (docs/METHOD.md 7.6).
 
 Both functions take ``(N, 3, H, W)`` images in [0, 1] and return the corrected output clamped to [0, 1].
 """

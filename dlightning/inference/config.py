@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlightning.contracts.config_io import check_choice, check_range
 from dlightning.errors import ConfigError
 from dlightning.losses.config import LPIPSConfig
-from dlightning.models.config import check_choice
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COLOR_FIXES = ("adain", "wavelet", "none")
 VAE_TILINGS = ("shared_norm", "diffusers")
+
+
+MAX_MIN_SHORT_SIDE = 4096
+"""Largest ``upscale.min_short_side``: an LQ short side of 4096 is already a 16384-pixel output side."""
 
 
 @dataclass
@@ -35,6 +39,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check_choice("export", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
         check_choice("export", "color_fix", self.color_fix, COLOR_FIXES)
+        check_range("export", "scale_consistency", self.scale_consistency, low=0)
+        check_range("export", "scale_detail", self.scale_detail, low=0)
 
 
 @dataclass
@@ -44,7 +50,7 @@ class UpscaleConfig:
     batch_windows: int = 4
     """(previous, current) windows per UNet call."""
     tile_size: int = 96
-    """Latent tile side; the latent is tiled when its area exceeds tile_size^2 (METHOD.md 7.4)."""
+    """Latent tile side; the latent is tiled when its area exceeds tile_size^2 (docs/METHOD.md 7.4)."""
     tile_overlap: int = 32
     """Latent overlap between neighbouring tiles (blended with Gaussian weights)."""
     vae_tile_size: int = 1536
@@ -69,7 +75,7 @@ class UpscaleConfig:
     max_frames: int = 0
     """Process at most this many frames per video (0 = all)."""
     min_short_side: int = 128
-    """LQ frames with a shorter side below this are bicubic-enlarged first (METHOD.md 1.5)."""
+    """LQ frames with a shorter side below this are bicubic-enlarged first (docs/METHOD.md 1.5)."""
     crf: int = 18
     """H.264 constant rate factor of written videos."""
     channels_last: bool = False
@@ -89,6 +95,10 @@ class UpscaleConfig:
         if min(self.max_frames, self.min_short_side, self.vae_tile_size, self.vae_tile_padding) < 0:
             raise ConfigError("upscale.max_frames, min_short_side, vae_tile_size and vae_tile_padding "
                               "must be >= 0")
+        # The short side is enlarged to this before the x4 model: beyond 4096 no frame fits in memory.
+        check_range("upscale", "min_short_side", self.min_short_side, high=MAX_MIN_SHORT_SIDE)
+        check_range("upscale", "crf", self.crf, low=0, high=51)
+        check_range("upscale", "seed", self.seed, low=0)
 
 
 @dataclass
@@ -131,3 +141,5 @@ class ValidationConfig:
             raise ConfigError("validation.lq_dir and validation.gt_dir must be set together")
         if self.lq_dir is not None and self.shards is not None:
             raise ConfigError("set either validation.lq_dir/gt_dir or validation.shards, not both")
+        check_range("validation", "fps", self.fps, low=0, low_open=True)
+        check_range("validation", "crop_border", self.crop_border, low=0)

@@ -1,14 +1,15 @@
-"""Load a merged export folder (written by :mod:`dlightning.export`) as a runnable generator."""
+"""Load a merged export folder (format: :mod:`dlightning.contracts.export_format`) as a runnable generator."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dlightning.contracts import export_format
+from dlightning.contracts.config_io import from_container
 from dlightning.errors import MissingWeightsError
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import DLoRALGenerator
@@ -16,9 +17,6 @@ from dlightning.models.prompts import PromptEncoder
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-EXPORT_FILE = "dlightning_export.json"
-CFR_FILE = "cfr.safetensors"
 
 
 class ExportedGenerator(DLoRALGenerator):
@@ -61,20 +59,6 @@ class ExportedGenerator(DLoRALGenerator):
         return super().train(False)
 
 
-def read_export_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``dlightning_export.json`` of an export folder.
-
-    Raises:
-        MissingWeightsError: The folder is not a dlightning export.
-    """
-    root = Path(path)
-    meta_file = root / EXPORT_FILE
-    if not meta_file.is_file():
-        raise MissingWeightsError(f"{str(root)!r} is not a dlightning export (no {EXPORT_FILE}); create one "
-                                  "with `dlightning export --checkpoint CKPT --out DIR`")
-    return json.loads(meta_file.read_text())
-
-
 def load_exported(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> ExportedGenerator:
     """Load an export folder onto ``device`` in ``dtype`` (CFR's SPyNet buffers stay as saved).
@@ -82,36 +66,31 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu",
     Args:
         path: The export folder.
         device: Target device.
-        dtype: Compute dtype of UNet, VAE and CFR (the text encoder stays fp32, METHOD.md 1.6).
+        dtype: Compute dtype of UNet, VAE and CFR (the text encoder stays fp32, docs/METHOD.md 1.6).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from dlightning.config import from_container
     from dlightning.models.cfr import CrossFrameRetrieval
 
     root = Path(path)
-    meta = read_export_metadata(root)
+    meta = export_format.read_metadata(root)
     model_dict = dict(meta["model_config"])
-    model_dict["cfr"] = {**model_dict["cfr"], "spynet_path": None}  # weights come from cfr.safetensors
+    model_dict["cfr"] = {**model_dict["cfr"], "spynet_path": None}  # weights come from the CFR file
     cfg = from_container(model_dict, ModelConfig)
-    base = Path(meta["base_path"]) if meta.get("base_path") else root
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        folder = (root if sub == "unet" else base) / sub
-        if not folder.is_dir():
-            raise MissingWeightsError(f"export {str(root)!r} is incomplete: {folder} is missing")
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, torch_dtype=dtype)
+    folders = export_format.component_folders(root, meta)
+    unet = UNet2DConditionModel.from_pretrained(folders["unet"], local_files_only=True, torch_dtype=dtype)
     if unet.config.in_channels != 8 or unet.conv_in.in_channels != 8:
-        raise MissingWeightsError(f"{root / 'unet'} is not a merged DLoRAL UNet (in_channels != 8)")
-    vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True,
+        raise MissingWeightsError(f"{folders['unet']} is not a merged DLoRAL UNet (in_channels != 8)")
+    vae = AutoencoderKL.from_pretrained(folders["vae"], local_files_only=True, torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(folders["text_encoder"], local_files_only=True,
                                                  torch_dtype=torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-    scheduler = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folders["tokenizer"], local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(folders["scheduler"], local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         cfr = CrossFrameRetrieval(cfg.cfr)
-    cfr.load_reference_state_dict(load_file(str(root / CFR_FILE)))
+    cfr.load_reference_state_dict(load_file(str(root / export_format.CFR_FILE)))
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())

@@ -1,7 +1,7 @@
 """Video upscaling with a (merged or training) DLoRAL generator.
 
 Per video: every frame t is produced from the window (t - 1, t), frame 0 from (0, 0), as the generator
-does. Windows are batched (``batch_windows`` per UNet call). Per frame (METHOD.md 1.5, 7.4-7.6):
+does. Windows are batched (``batch_windows`` per UNet call). Per frame (docs/METHOD.md 1.5, 7.4-7.6):
 
 1. RGB uint8 -> [-1, 1]; a frame whose short side is below ``min_short_side`` is first bicubic-enlarged
    so that its short side equals it; then replicate-padded so that ``side * scale`` is a multiple of 8.
@@ -243,11 +243,12 @@ def upscale_path(model, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *,
 
 def upscale_exported(export_dir: str | Path, inp: str | Path, out: str | Path, cfg: UpscaleConfig) -> list[Path]:
     """Load an export folder on the configured device/dtype and upscale ``inp`` into ``out``."""
-    from dlightning.inference.exported import load_exported, read_export_metadata
+    from dlightning.contracts.export_format import read_metadata
+    from dlightning.inference.exported import load_exported
 
     sources = collect_inputs(inp)  # fail on bad input before loading the model
     output_paths(sources, Path(out))
-    meta = read_export_metadata(export_dir)
+    meta = read_metadata(export_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_exported(export_dir, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Tiled VAE encode / decode with GroupNorm statistics shared over all tiles (METHOD.md 7.5).
+"""Tiled VAE encode / decode with GroupNorm statistics shared over all tiles (docs/METHOD.md 7.5).
 
 diffusers' ``enable_tiling()`` normalises every tile with its own GroupNorm statistics, so tiles
 disagree with the whole-frame result. Here the encoder / decoder run as a *program* of the module's own

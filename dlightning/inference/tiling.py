@@ -1,4 +1,4 @@
-"""Latent tiling with Gaussian-blended overlaps (METHOD.md 7.4).
+"""Latent tiling with Gaussian-blended overlaps (docs/METHOD.md 7.4).
 
 Each tile runs CFR (flow computed on the tile's LQ pixels) and the UNet; the UNet output and the fused
 current latent of all tiles are blended with Gaussian weights, and the x0 rule is applied to the blended

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dlightning.errors import ConfigError
+from dlightning.media import UnreadableInputError, probe_video, read_image
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,8 +30,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "opus", "alac", "flac"}
 
 
-class InputError(ConfigError):
-    """An input video, frame or folder cannot be used; the message names the path and the fix."""
+InputError = UnreadableInputError
+"""An input video, frame or folder cannot be used; the message names the path and the fix.
+
+The same class as the shared readers raise (``read_image``/``probe_video`` of
+:mod:`dlightning.media`, which the shard builder uses too), so callers catch one type."""
 
 
 @dataclass
@@ -72,46 +75,23 @@ def _video_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)`` of an image file (grayscale expanded, alpha dropped, 16 bit reduced)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"cannot read image {path}; check that it is a valid image file")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
     for path in _image_files(folder):
         yield read_image(path)
 
 
-def probe_video(path: str | Path) -> VideoSource:
-    """Open a video, check it has a decodable video stream, and read its rate and length.
+def video_source(path: str | Path) -> VideoSource:
+    """A video file as a source: checked to have a decodable frame and a frame rate.
 
     Raises:
-        InputError: The file is missing, unreadable or has no decodable video frame.
+        InputError: The file is missing, unreadable, has no decodable video frame or no frame rate.
     """
-    import av
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"input {str(path)!r} does not exist")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            fps = stream.average_rate or stream.guessed_rate or stream.base_rate
-            has_audio = bool(container.streams.audio)
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise InputError(f"{path} has no decodable video frame")
-            frames = stream.frames or None
-    except av.error.FFmpegError as err:
-        raise InputError(f"cannot read video {path}: {err}; check the file is a complete video") from err
-    if not fps:
+    info = probe_video(path)
+    if info.fps is None:
         raise InputError(f"{path} has no frame rate; re-mux it with a rate or pass a frame folder")
-    return VideoSource(path=path, kind="video", fps=Fraction(fps), num_frames=frames, has_audio=has_audio)
+    return VideoSource(path=path, kind="video", fps=info.fps, num_frames=info.num_frames,
+                       has_audio=info.has_audio)
 
 
 def probe_frames(folder: Path) -> VideoSource:
@@ -134,12 +114,12 @@ def collect_inputs(path: str | Path) -> list[VideoSource]:
     """
     path = Path(path)
     if path.is_file():
-        return [probe_video(path)]
+        return [video_source(path)]
     if not path.is_dir():
         raise InputError(f"input {str(path)!r} does not exist; pass a video file or a folder")
     videos = _video_files(path)
     if videos:
-        return [probe_video(v) for v in videos]
+        return [video_source(v) for v in videos]
     if _image_files(path):
         return [probe_frames(path)]
     raise InputError(f"folder {path} holds no video ({', '.join(VIDEO_SUFFIXES)}) and no frames "
@@ -287,6 +267,6 @@ class VideoWriter:
 
 def read_video_info(path: str | Path) -> tuple[int, Fraction, int, int, bool]:
     """``(frames decoded, average rate, height, width, has_audio)`` of a video (tests and checks)."""
-    src = probe_video(path)
+    src = video_source(path)
     frames = list(src.frames())
     return len(frames), src.fps, frames[0].shape[0], frames[0].shape[1], src.has_audio

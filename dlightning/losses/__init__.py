@@ -1,5 +1,9 @@
-"""Training losses: pixel MSE, LPIPS, CSD distillation, temporal consistency (METHOD.md 5)."""
+"""Training losses: pixel MSE, LPIPS, CSD distillation, temporal consistency (docs/METHOD.md 5).
 
+:class:`DLoRALLoss` composes them into the training objective; the others are its parts.
+"""
+
+from dlightning.losses.composite import CSDInputs, DLoRALLoss, weighted_total
 from dlightning.losses.csd import CSDLoss, Teacher, sample_clip_noise
 from dlightning.losses.perceptual import LPIPSLoss, backbone_state_dict, build_lpips
 from dlightning.losses.pixel import mse_loss
@@ -12,7 +16,9 @@ from dlightning.losses.temporal import (
 )
 
 __all__ = [
+    "CSDInputs",
     "CSDLoss",
+    "DLoRALLoss",
     "FarnebackFlow",
     "LPIPSLoss",
     "Teacher",
@@ -24,4 +30,5 @@ __all__ = [
     "mse_loss",
     "occlusion_mask",
     "sample_clip_noise",
+    "weighted_total",
 ]

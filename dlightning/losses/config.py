@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlightning.models.config import check_choice
+from dlightning.contracts.config_io import check_choice, check_range
+from dlightning.errors import ConfigError
 
 NEGATIVE_PROMPT = (
     "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, "
@@ -34,6 +35,12 @@ class CSDConfig:
     shared_noise: bool = True
     """One noise draw shared by the frames of a clip (parity)."""
     negative_prompt: str = NEGATIVE_PROMPT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_min < self.t_max <= 1000:
+            raise ConfigError(f"loss.csd needs 0 <= t_min < t_max <= 1000 (the teacher's timesteps), got "
+                              f"t_min={self.t_min}, t_max={self.t_max}")
+        check_range("loss.csd", "guidance_scale", self.guidance_scale, low=0)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Classifier score distillation (CSD) from a frozen text-to-image teacher (METHOD.md 5.4).
+"""Classifier score distillation (CSD) from a frozen text-to-image teacher (docs/METHOD.md 5.4).
 
 The teacher is a single frozen diffusion UNet; there is no trainable "fake" score network. For a
 predicted clean latent z, with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps at a random t:

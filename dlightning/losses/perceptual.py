@@ -1,4 +1,4 @@
-"""LPIPS perceptual loss, built offline (INTEGRATION.md C5).
+"""LPIPS perceptual loss, built offline (docs/INTEGRATION.md C5).
 
 The ``lpips`` package ships only the linear calibration heads; its backbone would normally be
 downloaded by torchvision. Here the backbone is built with random weights (``pnet_rand=True``, no

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error computed in fp32 (METHOD.md 5.1).
+    """Mean squared error computed in fp32 (docs/METHOD.md 5.1).
 
     Args:
         pred: predicted images, any shape, any float dtype.

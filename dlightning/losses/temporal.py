@@ -1,6 +1,6 @@
 """Temporal consistency: a differentiable flow-warping loss and the reference's Farneback metric.
 
-The reference's consistency term (METHOD.md 5.3) has no gradient: it runs OpenCV Farneback on
+The reference's consistency term (docs/METHOD.md 5.3) has no gradient: it runs OpenCV Farneback on
 detached frames. Here the trained loss warps the previous *output* frame with the optical flow of the
 *ground-truth* pair (a frozen SPyNet) and penalises how much worse the output's warping residual is
 than the ground truth's, on non-occluded pixels. The Farneback L1 flow difference is kept as a logged
@@ -32,7 +32,7 @@ _FARNEBACK = {
     "poly_sigma": 1.2,
     "flags": 0,
 }
-"""Farneback parameters of the reference (METHOD.md 5.3)."""
+"""Farneback parameters of the reference (docs/METHOD.md 5.3)."""
 
 
 def occlusion_mask(flow_fw: torch.Tensor, flow_bw: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Cross-frame retrieval (CFR): flow-warp the previous latent and read it out with thresholded attention.
 
-The attention is the reference's un-normalised, per-query thresholded form (METHOD.md 3.4):
+The attention is the reference's un-normalised, per-query thresholded form (docs/METHOD.md 3.4):
 ``A = ReLU((Q^T K / sqrt(d) - tau(Q)) / temperature)``, ``delta = proj_out(A V)``. It can be computed
 densely or in blocks of query rows; blocks give the same numbers with memory linear in the frame area
 (with per-block activation checkpointing, also for backward).

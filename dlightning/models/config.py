@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlightning.contracts.config_io import check_choice, check_range
 from dlightning.errors import ConfigError
-
-
-def check_choice(section: str, key: str, value: object, choices: tuple) -> None:
-    """Raise ConfigError when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {list(choices)}")
 
 
 @dataclass
@@ -38,6 +33,9 @@ class LoraConfig:
             check_choice("model.lora", "groups[]", g, ("encoder", "decoder", "mid"))
         if self.rank_consistency < 1 or self.rank_detail < 1:
             raise ConfigError("model.lora.rank_* must be >= 1")
+        check_range("model.lora", "alpha", self.alpha, low=0, low_open=True)
+        check_range("model.lora", "scale_consistency", self.scale_consistency, low=0)
+        check_range("model.lora", "scale_detail", self.scale_detail, low=0)
 
 
 @dataclass
@@ -66,6 +64,9 @@ class CFRConfig:
                      ("minus_one_one", "zero_one"))
         if self.block_size < 0 or self.topk < 0:
             raise ConfigError("model.cfr.block_size and model.cfr.topk must be >= 0")
+        for key in ("heads", "embed_dim", "in_channels"):
+            check_range("model.cfr", key, getattr(self, key), low=1)
+        check_range("model.cfr", "temperature", self.temperature, low=0, low_open=True)
 
 
 @dataclass
@@ -104,3 +105,4 @@ class ModelConfig:
             raise ConfigError("model.scale must be >= 1")
         if self.prompt_cache_size < 0:
             raise ConfigError("model.prompt_cache_size must be >= 0")
+        check_range("model", "timestep", self.timestep, low=0, high=999)

@@ -1,4 +1,4 @@
-"""The one-step DLoRAL generator (METHOD.md 1.2, 1.3, 3.5).
+"""The one-step DLoRAL generator (docs/METHOD.md 1.2, 1.3, 3.5).
 
 Per target frame t with previous frame p = max(t - 1, 0) (frame 0 uses itself):
 LQ --bicubic x scale--> VAE encode (frozen, no grad) --> CFR(z_p, z_t) = (fused_t, warped_p) -->
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlightning.contracts.phases import CONSISTENCY, DETAIL
 from dlightning.models.components import Components, load_components
 from dlightning.models.config import ModelConfig
 from dlightning.models.lora import add_lora_families, family_parameters, teacher_mode
@@ -23,8 +24,6 @@ from dlightning.models.unet import configure_unet, expand_conv_in
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-PARAMETER_GROUPS = ("c_lora", "cfr", "d_lora", "conv_in")
 
 
 @dataclass
@@ -89,14 +88,15 @@ class DLoRALGenerator(nn.Module):
 
     def _groups(self) -> dict[str, list[nn.Parameter]]:
         return {
-            "c_lora": [p for _, p in family_parameters(self.unet, "consistency")],
+            "c_lora": [p for _, p in family_parameters(self.unet, CONSISTENCY)],
             "cfr": list(self.cfr.trainable_parameters()),
-            "d_lora": [p for _, p in family_parameters(self.unet, "detail")],
+            "d_lora": [p for _, p in family_parameters(self.unet, DETAIL)],
             "conv_in": [self.conv_in.weight, self.conv_in.bias],
         }
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by optimizer group: ``c_lora``, ``cfr``, ``d_lora``, ``conv_in``.
+        """Trainable parameters by optimizer group, keyed (and ordered) as
+        :data:`~dlightning.contracts.phases.PARAM_GROUPS`.
 
         The groups are disjoint and together hold every parameter that requires grad exactly once.
 

@@ -1,7 +1,7 @@
 """Count what the generator trains, without weights: the UNet and both LoRA families on the meta device.
 
 For SD 2.1 base at r = 4 this reports 94 / 148 / 16 target modules (encoder / decoder / mid),
-4,055,856 LoRA parameters per family, 23,360 for conv_in (METHOD.md 2.1, 2.5). The adapters are really
+4,055,856 LoRA parameters per family, 23,360 for conv_in (docs/METHOD.md 2.1, 2.5). The adapters are really
 injected by peft (on meta tensors), so the counts are those of the model that trains.
 """
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from dlightning.contracts.phases import LORA_FAMILIES
 from dlightning.errors import MissingWeightsError
 from dlightning.models.config import ModelConfig
-from dlightning.models.lora import FAMILIES, GROUPS, adapter_name, add_lora_families
+from dlightning.models.lora import GROUPS, adapter_name, add_lora_families
 from dlightning.models.unet import expand_conv_in
 
 
@@ -68,11 +69,11 @@ def inspect_model(cfg: ModelConfig) -> dict:
     groups: dict[str, dict[str, int]] = {}
     for group in GROUPS:
         row = {"modules": len(targets[group])}
-        for family in FAMILIES:
+        for family in LORA_FAMILIES:
             marker = f".{adapter_name(family, group)}."
             row[family] = sum(p.numel() for n, p in unet.named_parameters() if marker in n)
         groups[group] = row
-    families = {f: sum(groups[g][f] for g in GROUPS) for f in FAMILIES}
+    families = {f: sum(groups[g][f] for g in GROUPS) for f in LORA_FAMILIES}
     conv = getattr(unet.conv_in, "base_layer", unet.conv_in)
     conv_in = sum(p.numel() for p in conv.parameters())
     cfr = _cfr_trainable(cfg)

@@ -1,8 +1,8 @@
-"""The two LoRA families of DLoRAL on the generator UNet (METHOD.md section 2).
+"""The two LoRA families of DLoRAL on the generator UNet (docs/METHOD.md section 2).
 
 Six peft adapters, one per (family, group): the detail family D ("quality" in the reference's names) and
 the consistency family C, each split into encoder / decoder / mid groups. Both families are always active
-in the forward and their weights always require grad (DESIGN.md decision 2); a training phase chooses
+in the forward and their weights always require grad (docs/DESIGN.md decision 2); a training phase chooses
 which optimizer steps, never which tensors require grad.
 """
 
@@ -16,19 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlightning.contracts.phases import CONSISTENCY, DETAIL, LORA_FAMILIES
 from dlightning.models.config import LoraConfig
 from dlightning.models.unet import TEACHER_CONV_IN_BIAS, TEACHER_CONV_IN_WEIGHT
 
 GROUPS = ("encoder", "decoder", "mid")
-FAMILIES = ("consistency", "detail")
-FAMILY_SUFFIX = {"consistency": "consistency", "detail": "quality"}
+FAMILY_SUFFIX = {CONSISTENCY: "consistency", DETAIL: "quality"}
 """Suffix of the reference's adapter names per family (the D family is called "quality" there)."""
 GROUP_PREFIX = {"encoder": "encoder", "decoder": "decoder", "mid": "others"}
 """Group word of the reference's adapter names (the mid group is called "others" there)."""
 
 TARGET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
-"""Substrings that make a weight a LoRA target (METHOD.md 2.1); "conv" alone already matches every conv."""
+"""Substrings that make a weight a LoRA target (docs/METHOD.md 2.1); "conv" alone already matches every conv."""
 
 
 def adapter_name(family: str, group: str) -> str:
@@ -68,12 +68,6 @@ def select_lora_targets(parameter_names: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
-def adapter_names(groups: Iterable[str] = GROUPS) -> list[str]:
-    """Names of the adapters of ``groups`` in the reference's order (D family first, then C)."""
-    groups = list(groups)
-    return [adapter_name(f, g) for f in ("detail", "consistency") for g in GROUPS if g in groups]
-
-
 def add_lora_families(unet: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
     """Inject the C and D LoRA families into ``unet``, activate all of them and make them trainable.
 
@@ -90,7 +84,7 @@ def add_lora_families(unet: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
 
     targets = select_lora_targets(n for n, _ in unet.named_parameters())
     names = []
-    for family, rank in (("detail", cfg.rank_detail), ("consistency", cfg.rank_consistency)):
+    for family, rank in ((DETAIL, cfg.rank_detail), (CONSISTENCY, cfg.rank_consistency)):
         for group in GROUPS:
             if group not in cfg.groups or not targets[group]:
                 continue
@@ -106,7 +100,7 @@ def add_lora_families(unet: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
         return targets
     # add_adapter activates only the newest adapter; both families run in every forward.
     unet.set_adapter(names)
-    for _, p in family_parameters(unet, "consistency") + family_parameters(unet, "detail"):
+    for _, p in family_parameters(unet, CONSISTENCY) + family_parameters(unet, DETAIL):
         p.requires_grad_(True)
     return targets
 
@@ -131,8 +125,8 @@ def family_parameters(unet: nn.Module, family: str) -> list[tuple[str, nn.Parame
         unet: The adapted UNet.
         family: ``consistency`` (C-LoRA) or ``detail`` (D-LoRA).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not valid; choose one of {list(FAMILIES)}")
+    if family not in LORA_FAMILIES:
+        raise ValueError(f"family={family!r} is not valid; choose one of {list(LORA_FAMILIES)}")
     return [(n, p) for n, p in unet.named_parameters() if _family_of(n) == family]
 
 
@@ -148,7 +142,7 @@ def set_family_scales(unet: nn.Module, consistency: float = 1.0, detail: float =
     ``dC``/``dD`` are the unit-scale updates (alpha / r included). Adapters stay active and trainable; a
     scale of 0 removes the family from the output (e.g. the consistency-only model).
     """
-    scales = {FAMILY_SUFFIX["consistency"]: consistency, FAMILY_SUFFIX["detail"]: detail}
+    scales = {FAMILY_SUFFIX[CONSISTENCY]: consistency, FAMILY_SUFFIX[DETAIL]: detail}
     for layer in _lora_layers(unet):
         for name in list(layer.scaling):
             suffix = name.rsplit("_", 1)[-1]

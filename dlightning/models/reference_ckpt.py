@@ -1,4 +1,4 @@
-"""Read (and, for tests, write) the authors' ``model.pkl`` layout (METHOD.md section 8).
+"""Read (and, for tests, write) the authors' ``model.pkl`` layout (docs/METHOD.md section 8).
 
 The file is a plain dict of tensors, lists and ints, so it loads with ``torch.load(weights_only=True)``:
 

@@ -2,7 +2,7 @@
 
 The generator UNet reads ``[warped previous latent (4 ch), fused current latent (4 ch)]``. Its new
 ``conv_in`` starts from the pretrained 4-channel kernel copied into both halves (not halved: parity with
-the released weights, METHOD.md 2.4). The pristine 4-channel kernel is kept as two non-persistent
+the released weights, docs/METHOD.md 2.4). The pristine 4-channel kernel is kept as two non-persistent
 buffers (``TEACHER_CONV_IN_WEIGHT`` / ``TEACHER_CONV_IN_BIAS``) so the same frozen UNet can also serve as
 the CSD teacher (:func:`dlightning.models.lora.teacher_mode`); non-persistent buffers follow ``.to()`` but
 never enter ``state_dict()``, so checkpoints and exports do not carry them.

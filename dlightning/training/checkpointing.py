@@ -1,34 +1,24 @@
-"""Crash-safe checkpoint files: atomic durable writes, step checkpoints and the resume-path resolver.
+"""Crash-safe checkpoint writing: atomic durable files and directories, and step checkpoints.
 
-Contract with the LightningModule (any module works with these pieces):
+What a checkpoint holds and how one is read and validated is the contract in
+:mod:`dlightning.contracts.checkpoint_format`. Contract with the LightningModule (any module works
+with these pieces): ``pl_module.optimizer_step`` is an ``int`` attribute counting completed optimizer
+steps (the module's own counter, not ``trainer.global_step``); :class:`StepCheckpoint` and the
+pre-emption callback read it, and the module restores it in ``on_load_checkpoint``.
+:func:`ensure_dlightning_block` adds the block from the callbacks' ``on_save_checkpoint`` hook; the
+module extends it in its own ``on_save_checkpoint`` (which Lightning calls after the callbacks').
 
-* ``pl_module.optimizer_step`` is an ``int`` attribute counting completed optimizer steps (the
-  module's own counter, not ``trainer.global_step``). :class:`StepCheckpoint` and the preemption
-  callback read it; the module must restore it in ``on_load_checkpoint`` from
-  ``checkpoint["dlightning"]["optimizer_step"]``.
-* Every checkpoint carries a ``"dlightning"`` block (a dict of plain Python types) with at least
-  ``optimizer_step``. :func:`ensure_dlightning_block` adds it from the callbacks' ``on_save_checkpoint``
-  hook; the module may extend it in its own ``on_save_checkpoint`` (which Lightning calls after the
-  callbacks').
-* Checkpoints hold only plain types and tensors so that ``torch.load(weights_only=True)`` reads them;
-  the resolver validates with exactly that call.
-
-Under DeepSpeed a checkpoint is a directory (``latest`` names a tag folder holding
-``mp_rank_00_model_states.pt`` with the trainable weights and our block, and one
-``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank). :func:`save_checkpoint_atomically` writes
-it under ``<name>.tmp`` and renames it once every rank has finished, so a crash never leaves a
-half-written directory under a checkpoint name; the resolver checks every part is there.
+Under DeepSpeed a checkpoint is a directory; :func:`save_checkpoint_atomically` writes it under
+``<name>.tmp`` and renames it once every rank has finished, so a crash never leaves a half-written
+directory under a checkpoint name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
-import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +26,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dlightning.errors import ConfigError, MissingWeightsError
+from dlightning.contracts.checkpoint_format import BLOCK_KEY, step_checkpoint_name, step_from_name
+from dlightning.errors import ConfigError
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-BLOCK_KEY = "dlightning"
-"""Key of our own block inside a Lightning checkpoint."""
-REQUIRED_KEYS = ("state_dict", "optimizer_states", BLOCK_KEY)
-CHECKPOINT_SUBDIR = "checkpoints"
-_CANDIDATE_GLOBS = ("hpc_ckpt_*.ckpt", "last.ckpt", "step-*.ckpt", "on_exception.ckpt", "preempt-*.ckpt")
-_STEP_NAME = re.compile(r"^(?:step|preempt)-(\d+)\.ckpt$")
-WANDB_ID_FILE = "wandb_run_id"
-
-
-def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """Return ``<run_dir>/checkpoints``, the one folder every checkpoint of a run is written to."""
-    return Path(run_dir) / CHECKPOINT_SUBDIR
-
-
-def step_checkpoint_name(step: int, prefix: str = "step") -> str:
-    """File name of the checkpoint taken after ``step`` optimizer steps, e.g. ``step-00000500.ckpt``."""
-    return f"{prefix}-{step:08d}.ckpt"
-
 
 def read_optimizer_step(pl_module: LightningModule) -> int:
     """Read the module's own optimizer-step counter, with an actionable error when it is missing."""
@@ -102,7 +74,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write ``obj`` with ``torch.save`` to ``<path>.tmp``, fsync it, rename over ``path``, fsync the folder.
 
     A crash at any point leaves either the previous file at ``path`` or the complete new one; the
-    ``.tmp`` leftover is ignored by :func:`resolve_resume_checkpoint` and removed by the next save.
+    ``.tmp`` leftover is ignored by the checkpoint resolver and removed by the next save.
     """
     final = Path(str(path).removeprefix("file://"))
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -158,140 +130,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    path: Path
-    optimizer_step: int
-    mtime: float
-
-
-def _inspect_checkpoint(path: Path) -> _Candidate | None:
-    """Load ``path`` the safe way; return it as a candidate, or None (with a warning) when unusable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        log.warning("Ignoring unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
-        return None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        log.warning("Ignoring checkpoint %s: missing keys %s", path, missing)
-        return None
-    step = ckpt[BLOCK_KEY].get("optimizer_step") if isinstance(ckpt[BLOCK_KEY], dict) else None
-    if isinstance(step, bool) or not isinstance(step, int):
-        log.warning("Ignoring checkpoint %s: %s.optimizer_step is not an int (%r)", path, BLOCK_KEY, step)
-        return None
-    return _Candidate(path, step, path.stat().st_mtime)
-
-
-def _inspect_sharded_checkpoint(path: Path) -> _Candidate | None:
-    """Validate a DeepSpeed checkpoint directory: tag, model states with our block, one optimizer shard
-    per rank."""
-    try:
-        states_path = sharded_model_states(path)
-        states = torch.load(states_path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
-        log.warning("Ignoring checkpoint directory %s (%s: %s)", path, type(err).__name__, err)
-        return None
-    block = states.get(BLOCK_KEY) if isinstance(states, dict) else None
-    step = block.get("optimizer_step") if isinstance(block, dict) else None
-    if "module" not in states or isinstance(step, bool) or not isinstance(step, int):
-        log.warning("Ignoring checkpoint directory %s: no weights or no %s.optimizer_step", path, BLOCK_KEY)
-        return None
-    world = int(states.get("dp_world_size", 1))
-    shards = [states_path.parent / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    missing = [s.name for s in shards if not s.is_file() or s.stat().st_size == 0]
-    if missing:
-        log.warning("Ignoring checkpoint directory %s: optimizer shards missing or empty: %s", path, missing)
-        return None
-    return _Candidate(path, step, states_path.stat().st_mtime)
-
-
-def sharded_model_states(path: str | os.PathLike[str]) -> Path:
-    """``mp_rank_00_model_states.pt`` of a DeepSpeed checkpoint directory (via its ``latest`` tag).
-
-    Raises:
-        FileNotFoundError: the directory has no ``latest`` file or no model states under that tag.
-    """
-    folder = Path(path)
-    tag = (folder / "latest").read_text(encoding="utf-8").strip()
-    states = folder / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise FileNotFoundError(f"{states} does not exist")
-    return states
-
-
-def read_checkpoint_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a training checkpoint (file or DeepSpeed directory) as ``{"state_dict", "dlightning", ...}``.
-
-    The state dict holds the trainable tensors under the LightningModule's parameter names.
-    """
-    path = Path(path)
-    # mmap: reading the step or the config of a large checkpoint does not read its optimizer state
-    if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    states = torch.load(sharded_model_states(path), map_location="cpu", weights_only=True, mmap=True)
-    return {**states, "state_dict": states["module"]}
-
-
-def resolve_checkpoint_argument(path: str | os.PathLike[str]) -> Path:
-    """What a user may pass as ``--checkpoint``: a checkpoint file or DeepSpeed directory (returned as
-    is), or a run folder (its newest valid checkpoint, as resuming would pick).
-
-    Raises:
-        MissingWeightsError: nothing there, or a run folder without a valid checkpoint.
-    """
-    given = Path(path)
-    if not given.exists():
-        raise MissingWeightsError(f"checkpoint {str(given)!r} not found; pass a .ckpt from <run_dir>/checkpoints "
-                                  "or the run folder itself")
-    if given.is_file() or (given / "latest").is_file():
-        return given
-    newest = resolve_resume_checkpoint(given)
-    if newest is None:
-        raise MissingWeightsError(f"{given} is a folder without a valid checkpoint in {checkpoint_dir(given)}")
-    return Path(newest)
-
-
-def list_valid_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:
-    """All valid checkpoints of a run as ``(path, optimizer_step)``, oldest first (step, then mtime)."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    paths = sorted({p for pattern in _CANDIDATE_GLOBS for p in folder.glob(pattern)})
-    candidates = [c for p in paths if (c := _inspect_sharded_checkpoint(p) if p.is_dir() else _inspect_checkpoint(p))]
-    candidates.sort(key=lambda c: (c.optimizer_step, c.mtime))
-    return [(str(c.path), c.optimizer_step) for c in candidates]
-
-
-def resolve_resume_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
-    """Pick the checkpoint to resume from: the newest valid one in ``<run_dir>/checkpoints``.
-
-    Candidates are ``hpc_ckpt_*.ckpt``, ``last.ckpt``, ``step-*.ckpt``, ``on_exception.ckpt`` and
-    ``preempt-*.ckpt``. A file is valid when ``torch.load(weights_only=True)`` reads it and it has
-    ``state_dict``, ``optimizer_states`` and a ``dlightning`` block with an int ``optimizer_step``; a
-    DeepSpeed directory when its model states load that way with the block and every rank's optimizer
-    shard is there.
-    Unreadable, truncated or foreign files are skipped with a warning, ``*.tmp`` files are never
-    considered. The newest is the highest ``optimizer_step``, ties broken by modification time.
-    Unlike Lightning's ``ckpt_path="last"`` this also sees SLURM (``hpc_ckpt_*``) and preemption files.
-
-    Returns:
-        The path to pass as ``trainer.fit(ckpt_path=...)``, or None for a fresh start.
-    """
-    found = list_valid_checkpoints(run_dir)
-    if not found:
-        log.info("No valid checkpoint in %s: starting from scratch", checkpoint_dir(run_dir))
-        return None
-    path, step = found[-1]
-    log.info("Resuming from %s (optimizer step %d)", path, step)
-    return path
-
-
-def _step_from_name(path: Path) -> int | None:
-    match = _STEP_NAME.match(path.name)
-    return int(match.group(1)) if match else None
 
 
 def _remove_path(path: Path) -> None:
@@ -376,12 +214,12 @@ class StepCheckpoint(Callback):
 
     def _prune(self, newest: int) -> None:
         steps = sorted(
-            (s, p) for p in self.dirpath.glob("step-*.ckpt") if (s := _step_from_name(p)) is not None
+            (s, p) for p in self.dirpath.glob("step-*.ckpt") if (s := step_from_name(p)) is not None
         )
         for _, old in steps[: max(0, len(steps) - self.keep)]:
             _remove_path(old)
         for old in self.dirpath.glob("preempt-*.ckpt"):
-            s = _step_from_name(old)
+            s = step_from_name(old)
             if s is not None and s < newest:
                 _remove_path(old)
         for stale in self.dirpath.glob("*.tmp"):
@@ -428,29 +266,3 @@ def _is_sharded(trainer: Trainer) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
-
-
-def stable_run_id(run_dir: str | os.PathLike[str]) -> str:
-    """Return the W&B run id of this run folder, creating ``<run_dir>/wandb_run_id`` on first use.
-
-    Requeued SLURM jobs and manual restarts reuse the folder, so they log into the same W&B run
-    (pass it as ``WandbLogger(id=..., resume="allow")``). Call it on rank 0 before the logger starts,
-    or on all ranks of a shared filesystem (creation is exclusive, so racing ranks agree).
-    """
-    path = Path(run_dir) / WANDB_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        # Write the id to a private file, then hard-link it into place: the link either creates the
-        # complete file or fails because another process won the race, so nobody reads a half-written id.
-        tmp = path.with_name(f"{WANDB_ID_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(uuid.uuid4().hex[:12] + "\n", encoding="utf-8")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            log.debug("%s was created concurrently; using the existing id", path)
-        finally:
-            tmp.unlink()
-    run_id = path.read_text(encoding="utf-8").strip()
-    if not run_id:
-        raise ConfigError(f"{path} is empty; delete it to start a new W&B run id or write the id into it")
-    return run_id

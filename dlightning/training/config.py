@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlightning.contracts.config_io import check_choice, check_range
+from dlightning.contracts.phases import LOSS_TERMS, PARAM_GROUPS, PHASES
 from dlightning.errors import ConfigError
-from dlightning.models.config import check_choice
-
-LOSS_KEYS = ("l2", "lpips", "csd", "temporal")
 
 
 @dataclass
@@ -25,11 +24,11 @@ class SegmentConfig:
     weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_choice("schedule.segments[]", "phase", self.phase, ("consistency", "detail"))
-        unknown = set(self.weights) - set(LOSS_KEYS)
+        check_choice("schedule.segments[]", "phase", self.phase, PHASES)
+        unknown = set(self.weights) - set(LOSS_TERMS)
         if unknown:
             raise ConfigError(
-                f"schedule.segments[].weights has unknown keys {sorted(unknown)}; valid: {list(LOSS_KEYS)}"
+                f"schedule.segments[].weights has unknown keys {sorted(unknown)}; valid: {list(LOSS_TERMS)}"
             )
 
 
@@ -40,11 +39,11 @@ class ScheduleConfig:
     The default (``preset: custom`` with the default ``segments``) is a short two-phase run for demos
     and small experiments: consistency for steps [0, 999] (1000 steps), then detail forever with a
     100-step linear ramp of the weights (CSD ramps in from 0). Use ``preset: reference`` for the
-    METHOD.md 4.3 schedule (5000 C / 8000 D / 5000 C / D, 1000-step ramps).
+    docs/METHOD.md 4.3 schedule (5000 C / 8000 D / 5000 C / D, 1000-step ramps).
     """
 
     preset: str = "custom"
-    """reference: METHOD.md 4.3 exactly (``segments`` ignored); custom: use ``segments``."""
+    """reference: docs/METHOD.md 4.3 exactly (``segments`` ignored); custom: use ``segments``."""
     segments: list[SegmentConfig] = field(default_factory=lambda: [
         SegmentConfig(phase="consistency", end=999,
                       weights={"l2": 1.0, "lpips": 2.0, "csd": 0.0, "temporal": 1.0}),
@@ -67,23 +66,29 @@ class OptimConfig:
     eps: float = 1e-8
     accumulate: int = 1
     """Micro-batches per optimizer step."""
-    clip_norm: dict[str, float] = field(default_factory=lambda: {"c_lora": 1.0, "cfr": 1.0, "d_lora": 1.0,
-                                                                 "conv_in": 1.0})
+    clip_norm: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARAM_GROUPS, 1.0))
     """Max gradient norm per group (0 = no clipping). Parity: only d_lora at 1.0."""
     reset_moments_on_phase_entry: bool = False
     """Clear the Adam moments of the groups that become active when a phase starts (reference: keep)."""
     mask_mode: str = "auto"
     """How inactive groups are held still: drop_grad (grad = None: no update, no decay, moments
     untouched), zero_lr (lr 0 for inactive groups; needed under DeepSpeed), auto (zero_lr under a
-    deepspeed strategy, else drop_grad)."""
+    deepspeed strategy, else drop_grad); resolved when the config loads."""
 
     def __post_init__(self) -> None:
         check_choice("optim", "mask_mode", self.mask_mode, ("auto", "drop_grad", "zero_lr"))
         if self.accumulate < 1:
             raise ConfigError("optim.accumulate must be >= 1")
-        unknown = set(self.clip_norm) - {"c_lora", "cfr", "d_lora", "conv_in"}
+        unknown = set(self.clip_norm) - set(PARAM_GROUPS)
         if unknown:
-            raise ConfigError(f"optim.clip_norm has unknown groups {sorted(unknown)}")
+            raise ConfigError(f"optim.clip_norm has unknown groups {sorted(unknown)}; valid: {list(PARAM_GROUPS)}")
+        check_range("optim", "lr", self.lr, low=0, low_open=True)
+        check_range("optim", "weight_decay", self.weight_decay, low=0)
+        check_range("optim", "eps", self.eps, low=0, low_open=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two values in [0, 1), e.g. [0.9, 0.999]")
+        for group, limit in self.clip_norm.items():
+            check_range("optim.clip_norm", group, limit, low=0)
 
 
 @dataclass
@@ -111,7 +116,7 @@ class TrainerConfig:
     grad_sync: str = "auto"
     """DDP gradient all-reduce: active (only the current phase's groups; needs drop_grad masking),
     all (every trainable tensor), auto (active where drop_grad masking is in use, else all).
-    See dlightning.training.grad_sync."""
+    Resolved when the config loads. See dlightning.training.grad_sync."""
     grad_sync_dtype: str = "fp32"
     """Dtype of the DDP gradient all-reduce: fp32 (exact) or bf16 (half the bytes)."""
 
@@ -119,8 +124,10 @@ class TrainerConfig:
         check_choice("trainer", "precision", self.precision, ("32-true", "bf16-mixed", "16-mixed", "32"))
         check_choice("trainer", "grad_sync", self.grad_sync, ("auto", "active", "all"))
         check_choice("trainer", "grad_sync_dtype", self.grad_sync_dtype, ("fp32", "bf16"))
-        if self.max_steps < 1:
-            raise ConfigError("trainer.max_steps must be >= 1")
+        for key in ("max_steps", "devices", "num_nodes", "checkpoint_every", "keep_checkpoints",
+                    "max_nonfinite_steps", "log_every"):
+            check_range("trainer", key, getattr(self, key), low=1)
+        check_range("trainer", "seed", self.seed, low=0)
 
 
 DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed")
@@ -171,3 +178,33 @@ def resolve_grad_sync(trainer: TrainerConfig, optim: OptimConfig) -> str:
             "use trainer.grad_sync=all or auto"
         )
     return trainer.grad_sync
+
+
+def resolve_mask_mode(mask_mode: str, strategy: str) -> str:
+    """``drop_grad`` or ``zero_lr`` for ``optim.mask_mode`` under ``trainer.strategy``.
+
+    ``auto`` is ``zero_lr`` under DeepSpeed, whose partitioned gradients cannot be dropped per group,
+    and ``drop_grad`` everywhere else; a concrete mode is returned as it is. RootConfig resolves it
+    when the config loads; the module calls it only for sections built by hand.
+    """
+    if mask_mode != "auto":
+        return mask_mode
+    return "zero_lr" if strategy.startswith("deepspeed") else "drop_grad"
+
+
+def check_deepspeed_limits(trainer: TrainerConfig, optim: OptimConfig) -> None:
+    """Refuse settings DeepSpeed ZeRO-2 cannot honour, each error naming the fix.
+
+    ZeRO-2 partitions gradients: DDP-style ``no_sync`` accumulation, per-group gradient dropping and
+    per-group clipping are not available there (docs/INTEGRATION.md C1).
+    """
+    if not trainer.strategy.startswith("deepspeed"):
+        return
+    if optim.accumulate != 1:
+        raise ConfigError("optim.accumulate must be 1 under trainer.strategy=deepspeed_*: raise "
+                          "data.batch_size instead, or use trainer.strategy=ddp")
+    if optim.mask_mode == "drop_grad":
+        raise ConfigError("optim.mask_mode=drop_grad cannot work under DeepSpeed ZeRO (gradients are "
+                          "partitioned); use auto or zero_lr")
+    check_deepspeed_precision(trainer.precision)
+    global_clip_norm(optim.clip_norm)

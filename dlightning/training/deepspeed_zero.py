@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 for this training: Lightning's strategy with the four changes our step needs.
 
 Lightning's ``DeepSpeedStrategy`` used as is fails or silently differs from our DDP training in four
-places, each found by running it (``tests/test_deepspeed.py``):
+places, each found by running it (``tests/integration/test_deepspeed.py``):
 
 1. **Micro-batch size.** Lightning reads it from ``train_dataloader.batch_sampler.batch_size``; our
    WebDataset loader batches inside the pipeline (no batch sampler), so ``fit`` crashes with
@@ -34,7 +34,6 @@ import argparse
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -80,18 +79,14 @@ class DLoRALDeepSpeedStrategy(DeepSpeedStrategy):
         clip_norm: global gradient-norm limit (0 = none), see :func:`dlightning.training.config.global_clip_norm`.
         precision: ``bf16-mixed`` or ``32-true``.
         device_type: ``cuda`` or ``cpu``.
-        timeout: collective timeout (Lightning's default when None).
     """
 
-    def __init__(self, *, batch_size: int, clip_norm: float, precision: str, device_type: str,
-                 timeout: timedelta | None = None) -> None:
-        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    def __init__(self, *, batch_size: int, clip_norm: float, precision: str, device_type: str) -> None:
         super().__init__(
             stage=2,
             exclude_frozen_parameters=True,
             logging_batch_size_per_gpu=batch_size,
             precision_plugin=AutocastDeepSpeedPrecision(precision, device_type),
-            **kwargs,
         )
         assert isinstance(self.config, dict)
         self.config["gradient_clipping"] = float(clip_norm)

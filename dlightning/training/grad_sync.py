@@ -1,6 +1,6 @@
 """DDP gradient all-reduce of the active phase's groups only (a DDP communication hook).
 
-Every trainable tensor stays a DDP parameter for the whole run (DESIGN.md decision 2), so DDP's
+Every trainable tensor stays a DDP parameter for the whole run (docs/DESIGN.md decision 2), so DDP's
 default hook all-reduces both LoRA families every step, although a phase drops the gradients of
 the groups it does not train (``optim.mask_mode=drop_grad``). That is half the traffic wasted: at
 SD 2.1 size 32.6 MB of fp32 gradients per step, of which 16.4 MB (consistency: C-LoRA, CFR,
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
+from dlightning.contracts.phases import ACTIVE_GROUPS
 from dlightning.training.config import OptimConfig, TrainerConfig, resolve_grad_sync
-from dlightning.training.optim import ACTIVE_GROUPS
 
 COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -1,59 +1,60 @@
 """The LightningModule: manual optimisation of the generator in two alternating phases.
 
-The module only orchestrates. The generator, the losses, the phase schedule and the optimizer
-layout live in their own modules. Per micro-batch it reads the phase and the loss weights from the
-schedule (a pure function of its own optimizer-step counter), runs the generator on the windows
-(t-1, t) of the clip, sums the weighted losses, back-propagates (without DDP gradient sync on
-accumulation steps) and, on the last micro-batch of a step, drops the inactive groups' gradients,
-clips each active group and steps. A non-finite loss on any rank makes every rank skip the step.
+The module only orchestrates. The generator, the loss terms (:class:`~dlightning.losses.DLoRALLoss`),
+the phase schedule, the optimizer layout, the per-rank RNG state and the step metrics live in their
+own modules. Per micro-batch it reads the phase and the loss weights from the schedule (a pure
+function of its own optimizer-step counter), runs the generator on the windows (t-1, t) of the clip,
+sums the weighted losses, back-propagates (without DDP gradient sync on accumulation steps) and, on
+the last micro-batch of a step, drops the inactive groups' gradients, clips each active group and
+steps. A non-finite loss on any rank makes every rank skip the step.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
-from dlightning.losses import (
-    CSDLoss,
-    build_lpips,
-    build_temporal_loss,
-    farneback_flow_metric,
-    mse_loss,
-    sample_clip_noise,
-)
+from dlightning.contracts.checkpoint_format import BLOCK_KEY
+from dlightning.contracts.phases import ACTIVE_GROUPS, CONSISTENCY, DETAIL
+from dlightning.losses import CSDInputs, DLoRALLoss, weighted_total
 from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import build_generator
-from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig
+from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig, resolve_mask_mode
 from dlightning.training.grad_sync import PhaseGradSync
 from dlightning.training.nonfinite import NonFiniteTracker, all_ranks_finite
 from dlightning.training.optim import (
-    ACTIVE_GROUPS,
     build_optimizer,
     clip_group_norms,
     drop_inactive_gradients,
     reset_moments,
     set_phase_learning_rates,
 )
+from dlightning.training.rng_state import RankRNG, gather_from_ranks, state_of_rank
 from dlightning.training.schedule import PhaseSpec, phase_at
+from dlightning.training.step_metrics import StepFacts, StepMetrics, peak_gpu_memory_gb
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-CKPT_KEY = "dlightning"
-
 
 class DLoRALModule(L.LightningModule):
-    """Trains C-LoRA + CFR (consistency phase) and D-LoRA (detail phase); conv_in trains in both."""
+    """Trains C-LoRA + CFR (consistency phase) and D-LoRA (detail phase); conv_in trains in both.
+
+    Args:
+        model, loss, schedule, optim, trainer: The config sections the module consumes.
+        config_container: The whole resolved config as plain types, stored in every checkpoint.
+        grad_sync: The phase-aware DDP all-reduce state the strategy's communication hook reads (the
+            same object given to :func:`~dlightning.training.strategy.build_strategy`); the module
+            tells it the parameter groups and each step's phase. None: no phase-aware hook.
+    """
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, schedule: ScheduleConfig, optim: OptimConfig,
-                 trainer: TrainerConfig, config_container: dict | None = None) -> None:
+                 trainer: TrainerConfig, config_container: dict | None = None,
+                 grad_sync: PhaseGradSync | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         # Frozen weights are not in our checkpoints; Lightning must not insist on them when loading.
@@ -61,10 +62,12 @@ class DLoRALModule(L.LightningModule):
         self.model_cfg, self.loss_cfg, self.schedule_cfg = model, loss, schedule
         self.optim_cfg, self.trainer_cfg = optim, trainer
         self.config_container = config_container or {}
+        self.grad_sync = grad_sync
         self.generator = build_generator(model)
-        self.lpips = build_lpips(loss.lpips)
-        self.csd = CSDLoss(loss.csd, self.generator.alphas_cumprod)
-        self.temporal = build_temporal_loss(loss.temporal)
+        self.loss = DLoRALLoss(loss, self.generator.alphas_cumprod)
+        self.rng = RankRNG(trainer.seed)
+        """This rank's private generator (CSD draws) and the RNG part of checkpoints."""
+        self.step_metrics = StepMetrics(trainer.log_every, optim.accumulate)
         self.optimizer_step = 0
         """Optimizer steps taken or skipped so far; drives the schedule and is saved in checkpoints."""
         self.micro_step = 0
@@ -72,19 +75,13 @@ class DLoRALModule(L.LightningModule):
         self.at_step_boundary = False
         """True right after the last micro-batch of an optimizer step (read by callbacks)."""
         self.nonfinite = NonFiniteTracker(trainer.max_nonfinite_steps)
-        self.mask_mode = optim.mask_mode if optim.mask_mode != "auto" else (
-            "zero_lr" if trainer.strategy.startswith("deepspeed") else "drop_grad")
+        # Sections loaded as a whole config arrive resolved; hand-built ones may still say auto.
+        self.mask_mode = resolve_mask_mode(optim.mask_mode, trainer.strategy)
         self._step_poisoned = False
         self._last_phase: str | None = None
-        self._active_phase = "consistency"
+        self._active_phase = CONSISTENCY
         """Phase of the optimizer step being taken (read in on_before_optimizer_step)."""
         self._grad_norms: dict[str, float] = {}
-        self._t_last = time.perf_counter()
-        self._generator: torch.Generator | None = None
-        self._with_metrics = False
-        self._loss_window: dict[str, tuple[float, int]] = {}
-        """Sum and count per loss term since the last log line."""
-        self._pending_rng: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- set-up
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -98,9 +95,8 @@ class DLoRALModule(L.LightningModule):
             # ZeRO keeps gradients in its own partitioned buffers: dropping p.grad would change nothing.
             raise RuntimeError("optim.mask_mode=drop_grad cannot hold groups still under DeepSpeed; use "
                                "optim.mask_mode=auto or zero_lr")
-        sync = self._grad_sync
-        if sync is not None:
-            sync.bind(self.generator.parameter_groups())
+        if self.grad_sync is not None:
+            self.grad_sync.bind(self.generator.parameter_groups())
         precision = str(self.trainer.precision)
         if "bf16" in precision:
             self.generator.cast_frozen(torch.bfloat16)
@@ -110,7 +106,7 @@ class DLoRALModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Check every rank resumed at the same step (each rank resolves the checkpoint itself; a stale
         directory listing on one node would otherwise split the ranks across phases)."""
-        counters = _gather_from_ranks((self.optimizer_step, self.micro_step))
+        counters = gather_from_ranks((self.optimizer_step, self.micro_step))
         if len(set(counters)) > 1:
             raise RuntimeError(f"ranks start at different (optimizer step, micro-batch) {counters}: they "
                                "resumed from different checkpoints; check the run folder on every node")
@@ -129,18 +125,16 @@ class DLoRALModule(L.LightningModule):
         last = position == accumulate - 1
         opt = self.optimizers()
         if position == 0:
-            self._enter_step(spec, opt.optimizer if hasattr(opt, "optimizer") else opt)
+            self._enter_step(spec, _inner_optimizer(opt))
 
         # The Farneback metric runs on the CPU: only for the micro-batch whose step is logged.
-        self._with_metrics = last and (self.optimizer_step + 1) % max(self.trainer_cfg.log_every, 1) == 0
-        losses = self.compute_losses(batch, spec)
+        logged = last and self.step_metrics.due(True, self.optimizer_step + 1)
+        losses = self.compute_losses(batch, spec, flow_metric=logged)
         total = losses["loss"]
-        finite = all_ranks_finite(total.detach(), self.trainer.strategy)
-        if not finite:
+        if not all_ranks_finite(total.detach(), self.trainer.strategy):
             self._step_poisoned = True
         else:
-            sync = nullcontext() if last else self._no_sync()
-            with sync:
+            with nullcontext() if last else self._no_sync():
                 self.manual_backward(total / accumulate)
 
         self.micro_step += 1
@@ -161,9 +155,8 @@ class DLoRALModule(L.LightningModule):
             datamodule.set_position(self.micro_step)
 
     def _enter_step(self, spec: PhaseSpec, optimizer: torch.optim.Optimizer) -> None:
-        sync = self._grad_sync
-        if sync is not None:
-            sync.set_phase(spec.phase)  # before this step's backward passes
+        if self.grad_sync is not None:
+            self.grad_sync.set_phase(spec.phase)  # before this step's backward passes
         if self.mask_mode == "zero_lr":
             set_phase_learning_rates(optimizer, spec.phase, self.optim_cfg.lr)
         if self._last_phase is not None and spec.phase != self._last_phase:
@@ -205,13 +198,6 @@ class DLoRALModule(L.LightningModule):
         self._grad_norms = clip_group_norms(optimizer, self.optim_cfg.clip_norm)
 
     @property
-    def _grad_sync(self) -> PhaseGradSync | None:
-        """The phase-aware DDP all-reduce state when the strategy uses it, else None."""
-        trainer = self._trainer
-        state = getattr(trainer.strategy, "_ddp_comm_state", None) if trainer is not None else None
-        return state if isinstance(state, PhaseGradSync) else None
-
-    @property
     def _deepspeed(self) -> Any:
         """The DeepSpeed engine when training under DeepSpeed, else None."""
         trainer = self._trainer
@@ -224,103 +210,65 @@ class DLoRALModule(L.LightningModule):
         return no_sync() if callable(no_sync) else nullcontext()
 
     # ----------------------------------------------------------------------------------- losses
-    def compute_losses(self, batch: dict[str, Any], spec: PhaseSpec) -> dict[str, torch.Tensor]:
-        """Weighted loss terms for one micro-batch; ``loss`` is their sum."""
+    def compute_losses(self, batch: dict[str, Any], spec: PhaseSpec, *, flow_metric: bool = False,
+                       ) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch: ``loss_<term>`` (detached) and ``loss``, their weighted sum.
+
+        Args:
+            batch: ``lq``, ``hr`` clips ``(B, T, 3, ., .)`` and their ``caption``.
+            spec: The schedule at this step (phase and loss weights).
+            flow_metric: Add ``metric_farneback`` (CPU work; only for logged micro-batches).
+        """
         lq, hr = batch["lq"], batch["hr"]
-        frames = hr.shape[1]
-        targets = list(range(1, frames))
+        targets = list(range(1, hr.shape[1]))
         embeds = self.generator.encode_prompts(list(batch["caption"]))
         # CFR does not train in the detail phase: skip its attention backward there.
         out = self.generator(lq, embeds, targets=targets, cfr_grad="cfr" in ACTIVE_GROUPS[spec.phase])
         pred, gt = out.images, hr[:, 1:]
-        w = spec.weights
-        terms: dict[str, torch.Tensor] = {}
-        terms["l2"] = sum(mse_loss(pred[:, k], gt[:, k]) for k in range(len(targets)))
-        terms["lpips"] = sum(self.lpips(pred[:, k].float(), gt[:, k].float()) for k in range(len(targets)))
-        zero = pred.new_zeros((), dtype=torch.float32)
-        terms["csd"] = self._csd(out.latents, embeds) if spec.phase == "detail" and w.get("csd", 0) > 0 else zero
-        terms["temporal"] = self._temporal(pred, gt) if self.temporal is not None and w.get("temporal", 0) > 0 \
-            else zero
-        total = sum(float(w.get(k, 0.0)) * v.float() for k, v in terms.items())
+        # CSD distils the teacher's detail into D-LoRA: only the detail phase evaluates it.
+        csd = self._csd_inputs(out.latents, embeds) if spec.phase == DETAIL else None
+        terms = self.loss(pred, gt, weights=spec.weights, csd=csd)
         result = {f"loss_{k}": v.detach() for k, v in terms.items()}
-        result["loss"] = total
-        if self._with_metrics and self.loss_cfg.temporal.log_farneback and pred.shape[1] >= 2:
-            result["metric_farneback"] = torch.tensor(
-                farneback_flow_metric(pred[:, 0].detach(), pred[:, 1].detach(), gt[:, 0], gt[:, 1]))
+        result["loss"] = weighted_total(terms, spec.weights)
+        metric = self.loss.flow_metric(pred, gt) if flow_metric else None
+        if metric is not None:
+            result["metric_farneback"] = metric
         return result
 
-    def _csd(self, latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        neg = self.generator.encode_prompts([self.loss_cfg.csd.negative_prompt])
+    def _csd_inputs(self, latents: torch.Tensor, embeds: torch.Tensor) -> CSDInputs:
+        """The CSD teacher (the frozen base UNet) with this rank's private generator for its draws."""
         generator = self.generator
 
         def teacher(z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
             with generator.teacher() as unet:
                 return unet(z_t.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype)).sample
 
-        rng = self._rng()
-        noise = sample_clip_noise(latents, shared=self.loss_cfg.csd.shared_noise, generator=rng)
-        total = latents.new_zeros((), dtype=torch.float32)
-        for k in range(latents.shape[1]):
-            loss, _ = self.csd(latents[:, k], teacher, embeds, neg, noise=noise[:, k], generator=rng)
-            total = total + loss
-        return total
-
-    def _rng(self) -> torch.Generator:
-        """The module's private RNG (CSD timesteps and noise); its state is saved in checkpoints so a
-        resumed run draws exactly what an uninterrupted run would."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.trainer_cfg.seed * 1000 + self.global_rank)
-            if self._pending_rng is not None:
-                self._generator.set_state(self._pending_rng.to("cpu"))
-                self._pending_rng = None
-        return self._generator
-
-    def _temporal(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        total = pred.new_zeros((), dtype=torch.float32)
-        for k in range(1, pred.shape[1]):
-            total = total + self.temporal(pred[:, k - 1], pred[:, k], gt[:, k - 1], gt[:, k])
-        return total
+        return CSDInputs(latents=latents, teacher=teacher, embeds=embeds, encode_prompts=generator.encode_prompts,
+                         rng=self.rng.generator(self.device, self.global_rank))
 
     # ----------------------------------------------------------------------------------- logging
     def _log_step(self, losses: dict[str, torch.Tensor], spec: PhaseSpec, batch: dict[str, Any]) -> None:
-        # Loss terms are averaged over every micro-batch since the last log line (a single micro-batch
-        # of a few clips is too noisy to show a trend).
-        for k, v in losses.items():
-            if v.numel() == 1 and torch.isfinite(v).all():
-                total, count = self._loss_window.get(k, (0.0, 0))
-                self._loss_window[k] = (total + float(v.detach()), count + 1)
-        if not self.at_step_boundary or self.optimizer_step % max(self.trainer_cfg.log_every, 1):
+        self.step_metrics.add(losses)
+        if not self.step_metrics.due(self.at_step_boundary, self.optimizer_step):
             return
-        now = time.perf_counter()
-        steps = max(self.trainer_cfg.log_every, 1)
-        clips = batch["hr"].shape[0] * self.optim_cfg.accumulate * steps * self.trainer.world_size
-        metrics = {f"train/{k}": total / count for k, (total, count) in self._loss_window.items()}
-        self._loss_window = {}
-        metrics.update({f"train/weight_{k}": float(v) for k, v in spec.weights.items()})
-        metrics["train/phase"] = 0.0 if spec.phase == "consistency" else 1.0
-        metrics["train/optimizer_step"] = float(self.optimizer_step)
-        metrics["train/skipped_steps"] = float(self.nonfinite.skipped_total)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "skip_counts"):
-            skipped = datamodule.skip_counts()
-            metrics["train/skipped_samples"] = float(sum(skipped.values()))
-            metrics.update({f"train/skipped_samples_{reason}": float(n) for reason, n in skipped.items()})
-        metrics["train/clips_per_s"] = clips / max(now - self._t_last, 1e-9)
-        metrics["train/clips_per_s_per_device"] = metrics["train/clips_per_s"] / self.trainer.world_size
-        for name, norm in self._grad_norms.items():
-            metrics[f"train/grad_norm_{name}"] = norm
-        opt = self.optimizers()
-        for group in (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups:
-            metrics[f"train/lr_{group['name']}"] = group["lr"]
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self._t_last = now
+        metrics = self.step_metrics.collect(self._step_facts(spec, batch))
         if self.trainer.is_global_zero:
             # Straight to the loggers, keyed by our optimizer step (Lightning's global_step would count
             # micro-batches differently under accumulation and skipped steps).
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.optimizer_step)
+
+    def _step_facts(self, spec: PhaseSpec, batch: dict[str, Any]) -> StepFacts:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts = getattr(datamodule, "skip_counts", None)
+        groups = _inner_optimizer(self.optimizers()).param_groups
+        return StepFacts(
+            phase=spec.phase, weights=spec.weights, optimizer_step=self.optimizer_step,
+            skipped_steps=self.nonfinite.skipped_total, skipped_samples=counts() if callable(counts) else None,
+            clips_per_micro_batch=batch["hr"].shape[0], world_size=self.trainer.world_size,
+            grad_norms=self._grad_norms, learning_rates={g["name"]: g["lr"] for g in groups},
+            gpu_mem_gb=peak_gpu_memory_gb(self.device),
+        )
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -333,14 +281,14 @@ class DLoRALModule(L.LightningModule):
         keep = set(self.trainable_state_dict())
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        mine = {"rng": _rng_state(self.trainer.strategy.root_device), "module_rng": self._rng().get_state()}
-        checkpoint[CKPT_KEY] = {
+        mine = self.rng.state(self.trainer.strategy.root_device, self.device, self.global_rank)
+        checkpoint[BLOCK_KEY] = {
             "optimizer_step": self.optimizer_step,
             "micro_step": self.micro_step,
             "last_phase": self._last_phase,
             "nonfinite": self.nonfinite.state_dict(),
             **mine,  # rank 0's, kept at the top level for readers of older checkpoints
-            "rng_per_rank": _gather_from_ranks(mine),
+            "rng_per_rank": gather_from_ranks(mine),
             "config": self.config_container,
         }
 
@@ -353,63 +301,16 @@ class DLoRALModule(L.LightningModule):
         missing = set(self.trainable_state_dict()) - set(stored) if stored is not None else set()
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-        state = checkpoint[CKPT_KEY]
+        state = checkpoint[BLOCK_KEY]
         self.optimizer_step = int(state["optimizer_step"])
         self.micro_step = int(state["micro_step"])
         self._last_phase = state["last_phase"]
         self.nonfinite.load_state_dict(state["nonfinite"])
-        per_rank = state.get("rng_per_rank") or []
-        if len(per_rank) == self.trainer.world_size:
-            mine = per_rank[self.global_rank]
-        else:
-            mine = state
-            if self.trainer.world_size > 1:
-                log.warning("checkpoint holds RNG states of %d ranks, this run has %d: every rank continues "
-                            "rank 0's random stream", len(per_rank), self.trainer.world_size)
+        mine = state_of_rank(state, self.global_rank, self.trainer.world_size)
         # the strategy's device: under DDP this hook runs before the module is moved to its GPU
-        _set_rng_state(mine["rng"], self.trainer.strategy.root_device)
-        self._generator = None
-        self._pending_rng = mine["module_rng"]
+        self.rng.load(mine, self.trainer.strategy.root_device)
 
 
-def _gather_from_ranks(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]``; a one-element list outside a process group."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": _numpy_state_plain(),
-        "python": _python_state_plain(),
-    }
-    if device.type == "cuda":
-        # this rank's GPU only: get_rng_state_all() would open a context on every visible GPU
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _numpy_state_plain() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _python_state_plain() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _inner_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind Lightning's wrapper (its ``param_groups`` carry our group names)."""
+    return opt.optimizer if hasattr(opt, "optimizer") else opt

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from dlightning.errors import ConfigError
@@ -33,23 +32,20 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive non-finite losses (on every rank at the same step)."""
 
 
-def all_ranks_finite(loss: Tensor, strategy: Any | None = None) -> bool:
+def all_ranks_finite(loss: Tensor, strategy: Any) -> bool:
     """Return True only if ``loss`` is finite on every rank (a MAX all-reduce of a not-finite flag).
 
     Args:
         loss: this rank's loss (any shape; every element must be finite).
-        strategy: a Lightning strategy; its ``reduce`` with ``reduce_op="max"`` is used when it is
-            distributed. ``None`` uses ``torch.distributed`` directly when a process group is
-            initialised, else only the local value.
+        strategy: the Lightning strategy; its ``reduce`` with ``reduce_op="max"`` is used when it
+            runs more than one process, else only the local value counts.
 
     Returns:
         The same bool on every rank.
     """
     bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-    if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+    if getattr(strategy, "world_size", 1) > 1:
         bad = strategy.reduce(bad.to(strategy.root_device), reduce_op="max")
-    elif strategy is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
 
 

@@ -1,7 +1,7 @@
 """The optimizer layout: one AdamW with a named parameter group per trainable part.
 
 Groups: ``c_lora`` and ``cfr`` step in the consistency phase, ``d_lora`` in the detail phase and
-``conv_in`` in both (METHOD.md 4.5). Every trainable tensor requires grad for the whole run; a phase
+``conv_in`` in both (docs/METHOD.md 4.5). Every trainable tensor requires grad for the whole run; a phase
 only decides whose gradients are kept. Dropping a group's gradients (``grad = None``) before the
 step makes AdamW skip it entirely, so an inactive group gets neither an update nor weight decay.
 One optimizer also is the form that Lightning's DeepSpeed strategy requires.
@@ -14,18 +14,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dlightning.contracts.phases import ACTIVE_GROUPS, PARAM_GROUPS
 from dlightning.training.config import OptimConfig
-
-GROUPS = ("c_lora", "cfr", "d_lora", "conv_in")
-ACTIVE_GROUPS = {
-    "consistency": ("c_lora", "cfr", "conv_in"),
-    "detail": ("d_lora", "conv_in"),
-}
 
 
 def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
     """One AdamW over the named parameter groups (empty groups are left out)."""
-    param_groups = [{"params": list(groups[name]), "name": name} for name in GROUPS if groups.get(name)]
+    param_groups = [{"params": list(groups[name]), "name": name} for name in PARAM_GROUPS if groups.get(name)]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 

@@ -26,13 +26,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from dlightning.contracts.checkpoint_format import step_checkpoint_name
 from dlightning.errors import ConfigError
-from dlightning.training.checkpointing import (
-    ensure_dlightning_block,
-    read_optimizer_step,
-    save_checkpoint_atomically,
-    step_checkpoint_name,
-)
+from dlightning.training.checkpointing import ensure_dlightning_block, read_optimizer_step, save_checkpoint_atomically
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)

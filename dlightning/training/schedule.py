@@ -5,7 +5,7 @@ every ``optimizer.step()`` call). The schedule is a list of segments (``SegmentC
 covers steps (end_{k-1}, end_k], the first one [0, end_0]. Within the first ``ramp`` steps of a
 segment its weights move linearly from the previous segment's weights to its own.
 
-``preset: reference`` reproduces METHOD.md 4.3 (the reference training script) exactly. The
+``preset: reference`` reproduces docs/METHOD.md 4.3 (the reference training script) exactly. The
 ``temporal`` weight is the reference's lambda_cons; ``csd`` is inert in consistency phases because
 the CSD term is only evaluated in the detail phase (the reference keeps lambda_csd = 1 there).
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dlightning.contracts.phases import LOSS_TERMS
 from dlightning.errors import ConfigError
-from dlightning.training.config import LOSS_KEYS, ScheduleConfig, SegmentConfig
+from dlightning.training.config import ScheduleConfig, SegmentConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class PhaseSpec:
 
 
 def reference_segments() -> list[SegmentConfig]:
-    """The reference schedule of METHOD.md 4.3 (base weights l2 1, lpips 2, csd 1, cons 10, L = 1000).
+    """The reference schedule of docs/METHOD.md 4.3 (base weights l2 1, lpips 2, csd 1, cons 10, L = 1000).
 
     Returns:
         Four segments: consistency [0, 5000], detail (5000, 13000], consistency (13000, 18000],
@@ -109,9 +110,9 @@ def resolve_segments(cfg: ScheduleConfig) -> list[SegmentConfig]:
 def _target_weights(segments: list[SegmentConfig]) -> list[dict[str, float]]:
     """Full weight dicts per segment: missing keys are 0 in the first segment, inherited afterwards."""
     targets: list[dict[str, float]] = []
-    previous = dict.fromkeys(LOSS_KEYS, 0.0)
+    previous = dict.fromkeys(LOSS_TERMS, 0.0)
     for seg in segments:
-        current = {key: float(seg.weights.get(key, previous[key])) for key in LOSS_KEYS}
+        current = {key: float(seg.weights.get(key, previous[key])) for key in LOSS_TERMS}
         targets.append(current)
         previous = current
     return targets
@@ -150,7 +151,7 @@ def phase_at(step: int, cfg: ScheduleConfig) -> PhaseSpec:
             progress = offset / seg.ramp
     start = targets[index - 1] if index > 0 else targets[index]
     end = targets[index]
-    weights = {key: start[key] + progress * (end[key] - start[key]) for key in LOSS_KEYS}
+    weights = {key: start[key] + progress * (end[key] - start[key]) for key in LOSS_TERMS}
     return PhaseSpec(phase=seg.phase, weights=weights, segment=index, progress=progress)
 
 
@@ -159,3 +160,23 @@ def phase_changes(step: int, cfg: ScheduleConfig) -> bool:
     if step == 0:
         return True
     return phase_at(step, cfg).phase != phase_at(step - 1, cfg).phase
+
+
+class SchedulePhase:
+    """Picklable ``phase_fn``: micro-batch m -> ``phase_at(m // accumulate, schedule).phase``.
+
+    Args:
+        schedule: The ``ScheduleConfig`` section.
+        accumulate: Micro-batches per optimizer step (``optim.accumulate``).
+    """
+
+    def __init__(self, schedule: ScheduleConfig, accumulate: int = 1) -> None:
+        if accumulate < 1:
+            raise ConfigError("optim.accumulate must be >= 1")
+        self.schedule, self.accumulate = schedule, accumulate
+        self.phases = tuple(sorted({seg.phase for seg in resolve_segments(schedule)}))
+        """Phases the schedule uses."""
+
+    def __call__(self, micro_batch: int) -> str:
+        """Phase of micro-batch ``micro_batch``."""
+        return phase_at(micro_batch // self.accumulate, self.schedule).phase

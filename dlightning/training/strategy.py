@@ -5,11 +5,9 @@
 * ``auto``: one process -> Lightning's single-device strategy; more -> ``ddp`` below.
 * ``ddp``: :class:`DDPStrategy` (registering its communication hook on CPU too) with
   ``find_unused_parameters=False``. This is correct because the trainable set is fixed when DDP
-  wraps the model and every trainable tensor is in the graph in every phase (DESIGN.md decision 2);
-  a phase only decides which parameter groups step. ``static_graph`` can be switched on for a little
-  speed. With ``trainer.grad_sync`` (default auto) only the active phase's gradients are all-reduced
-  (:mod:`dlightning.training.grad_sync`).
-* ``ddp_spawn``: the same, with processes started by Lightning (CPU tests only).
+  wraps the model and every trainable tensor is in the graph in every phase (docs/DESIGN.md decision 2);
+  a phase only decides which parameter groups step. With ``trainer.grad_sync`` (default auto) only
+  the active phase's gradients are all-reduced (:mod:`dlightning.training.grad_sync`).
 * ``deepspeed_stage_2``: :class:`dlightning.training.deepspeed_zero.DLoRALDeepSpeedStrategy` (ZeRO-2)
   on CUDA, or on CPU for tests and debugging. Limits: exactly one optimizer (parameter groups;
   inactive groups are held still with lr 0, never by toggling ``requires_grad``, which DeepSpeed
@@ -23,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,19 +35,17 @@ from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2")
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_2")
 
 
 def build_strategy(
-    cfg: TrainerConfig, *, static_graph: bool = False, timeout_s: float | None = None, batch_size: int = 1,
-    clip_norm: dict[str, float] | None = None, grad_sync: PhaseGradSync | None = None,
+    cfg: TrainerConfig, *, batch_size: int = 1, clip_norm: dict[str, float] | None = None,
+    grad_sync: PhaseGradSync | None = None,
 ) -> Strategy | str:
     """Build the Lightning strategy named by ``cfg.strategy``.
 
     Args:
         cfg: the trainer section (``strategy``, ``accelerator``, ``devices``, ``num_nodes``, ``precision``).
-        static_graph: pass ``static_graph=True`` to DDP (the graph is the same every step).
-        timeout_s: collective timeout for the process group (Lightning's default when None).
         batch_size: clips per micro-batch per process (DeepSpeed only).
         clip_norm: ``optim.clip_norm`` (DeepSpeed only: mapped onto one global limit).
         grad_sync: state of the phase-aware DDP all-reduce hook (DDP only; None: DDP's default).
@@ -64,25 +59,21 @@ def build_strategy(
     name = cfg.strategy
     if name not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={name!r} is not supported; use one of {STRATEGIES}")
-    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
-    ddp_kwargs: dict[str, Any] = {"find_unused_parameters": False, "static_graph": static_graph}
-    if timeout is not None:
-        ddp_kwargs["timeout"] = timeout
+    if name == "deepspeed_stage_2":
+        return _build_deepspeed(cfg, batch_size=batch_size, clip_norm=clip_norm or {})
+    if name == "auto" and cfg.devices * cfg.num_nodes == 1:
+        return "auto"
+    return _build_ddp(grad_sync)
+
+
+def _build_ddp(grad_sync: PhaseGradSync | None) -> Strategy:
+    ddp_kwargs: dict[str, Any] = {"find_unused_parameters": False}
     if grad_sync is not None:
         ddp_kwargs.update(ddp_comm_state=grad_sync, ddp_comm_hook=active_allreduce_hook)
-    if name == "auto":
-        if cfg.devices * cfg.num_nodes == 1:
-            return "auto"
-        return HookedDDPStrategy(**ddp_kwargs)
-    if name == "ddp":
-        return HookedDDPStrategy(**ddp_kwargs)
-    if name == "ddp_spawn":
-        return HookedDDPStrategy(start_method="spawn", **ddp_kwargs)
-    return _build_deepspeed(cfg, timeout=timeout, batch_size=batch_size, clip_norm=clip_norm or {})
+    return HookedDDPStrategy(**ddp_kwargs)
 
 
-def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None, batch_size: int,
-                     clip_norm: dict[str, float]) -> Strategy:
+def _build_deepspeed(cfg: TrainerConfig, *, batch_size: int, clip_norm: dict[str, float]) -> Strategy:
     from dlightning.training.deepspeed_zero import DLoRALDeepSpeedStrategy, select_deepspeed_accelerator
 
     if cfg.accelerator not in ("cuda", "gpu", "auto", "cpu"):
@@ -101,33 +92,28 @@ def _build_deepspeed(cfg: TrainerConfig, *, timeout: timedelta | None, batch_siz
             "(or use trainer.strategy=ddp)"
         ) from err
     return DLoRALDeepSpeedStrategy(batch_size=batch_size, clip_norm=clip, precision=cfg.precision,
-                                   device_type="cpu" if on_cpu else "cuda", timeout=timeout)
+                                   device_type="cpu" if on_cpu else "cuda")
 
 
-def build_cluster_plugins(
-    *, use_torchrun: bool = False, atomic_checkpoints: bool = True, env: Mapping[str, str] | None = None
-) -> list[Any]:
-    """Plugins for ``Trainer(plugins=...)``: the cluster environment and the checkpoint IO.
+def build_cluster_plugins(*, env: Mapping[str, str] | None = None) -> list[Any]:
+    """Plugins for ``Trainer(plugins=...)``: the cluster environment and :class:`AtomicCheckpointIO`.
 
     Under SLURM (``srun`` launched, job name not ``bash``/``interactive``) this returns
     ``SLURMEnvironment(auto_requeue=False)``: Lightning's own requeue handler writes the checkpoint
     inside the signal handler, so :class:`dlightning.training.preemption.PreemptionCallback` does it
-    instead. With ``use_torchrun`` (or under torchrun) it returns ``TorchElasticEnvironment``, which
-    wins over SLURM's variables when one ``srun`` task per node starts ``torchrun``.
+    instead. Under torchrun (``TORCHELASTIC_RUN_ID`` set) it returns ``TorchElasticEnvironment``,
+    which wins over SLURM's variables when one ``srun`` task per node starts ``torchrun``.
 
     Args:
-        use_torchrun: processes were started by torchrun (``launch/torchrun_multinode.sh``).
-        atomic_checkpoints: add :class:`AtomicCheckpointIO`.
         env: environment to inspect (``os.environ`` when None).
     """
     env = os.environ if env is None else env
     plugins: list[Any] = []
-    if use_torchrun or "TORCHELASTIC_RUN_ID" in env:
+    if "TORCHELASTIC_RUN_ID" in env:
         plugins.append(TorchElasticEnvironment())
     elif _is_slurm_launch(env):
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    if atomic_checkpoints:
-        plugins.append(AtomicCheckpointIO())
+    plugins.append(AtomicCheckpointIO())
     return plugins
 
 

@@ -17,7 +17,6 @@ Data: either ``validation.lq_dir`` + ``validation.gt_dir`` (videos or frame fold
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from dlightning.inference.video_io import (
     VIDEO_SUFFIXES,
     VideoWriter,
     probe_frames,
-    probe_video,
+    video_source,
 )
 from dlightning.metrics import VideoMetrics
 from dlightning.utils.logging import get_logger
@@ -57,7 +56,7 @@ class ValClip:
 
 
 def _source(path: Path):
-    return probe_video(path) if path.is_file() else probe_frames(path)
+    return video_source(path) if path.is_file() else probe_frames(path)
 
 
 def _entries(folder: Path) -> dict[str, Path]:
@@ -91,22 +90,23 @@ def shard_clips(cfg: ValidationConfig) -> list[ValClip]:
     """The first ``max_clips`` complete samples of a shard set (LQ / HR PNG frames)."""
     import webdataset as wds
 
+    from dlightning.contracts.shard_format import HR, LQ, decode_png, frame_field, manifest_shard_files, read_manifest
     from dlightning.data.loader import SkipCounter, validate_samples
-    from dlightning.data.transforms import decode_png
 
     folder = Path(cfg.shards)
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(f"validation.shards={cfg.shards!r} has no manifest.json; build it with data_prep")
-    urls = [str(folder / e["file"]) for e in json.loads(manifest.read_text())["shards"]]
+    try:
+        files = manifest_shard_files(read_manifest(folder))
+    except ConfigError as err:
+        raise ConfigError(f"validation.shards={cfg.shards!r}: {err}") from err
+    urls = [str(folder / f) for f in files]
     counter = SkipCounter()
     samples = validate_samples(wds.tarfile_to_samples(handler=counter.handler)(iter([{"url": u} for u in urls])),
                                counter=counter, min_frames=2)
     clips = []
     for sample in samples:
         n = min(int(sample["__meta__"]["num_frames"]), cfg.max_frames)
-        lq = [decode_png(sample[f"lq_{i:03d}.png"]) for i in range(n)]
-        gt = [decode_png(sample[f"hr_{i:03d}.png"]) for i in range(n)]
+        lq = [decode_png(sample[frame_field(LQ, i)]) for i in range(n)]
+        gt = [decode_png(sample[frame_field(HR, i)]) for i in range(n)]
         fps = sample["__meta__"].get("fps") or cfg.fps
         clips.append(ValClip(sample["__key__"], lq, gt, Fraction(float(fps)).limit_denominator(1000)))
         if len(clips) >= cfg.max_clips:
@@ -289,64 +289,3 @@ def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -
                 payload[f"val/video/{name}"] = wandb.Video(str(video), format="mp4")
                 payload[f"val/profile/{name}"] = wandb.Image(str(profile))
             logger.experiment.log(payload)
-
-
-_FOLDER_KEYS = ("validation.lq_dir", "validation.gt_dir")
-
-
-def _with_data_source(overrides: list[str]) -> list[str]:
-    """Command-line data-source overrides replace the config file's source instead of clashing with it.
-
-    A training config usually names ``validation.shards``; ``validation.lq_dir=... validation.gt_dir=...`` on
-    the command line would otherwise fail ValidationConfig's "either folders or shards" check (and the
-    other way round), so the source the user did not name is cleared first.
-    """
-    keys = {item.partition("=")[0].strip() for item in overrides}
-    cleared = []
-    if keys & set(_FOLDER_KEYS) and "validation.shards" not in keys:
-        cleared.append("validation.shards=null")
-    if "validation.shards" in keys and not keys & set(_FOLDER_KEYS):
-        cleared += [f"{k}=null" for k in _FOLDER_KEYS]
-    return cleared + list(overrides)
-
-
-def validate_checkpoint(config_files: list[str], overrides: list[str], checkpoint: str, *,
-                        out: str | None = None, lq_dir: str | None = None, gt_dir: str | None = None,
-                        ) -> dict[str, float]:
-    """``dlightning validate``: build the generator of ``checkpoint`` and run the validation once.
-
-    The model section comes from ``config_files`` + ``overrides`` when config files are given, else from
-    the config stored in the checkpoint. Data given on the command line (``lq_dir``/``gt_dir`` or
-    ``validation.*`` overrides) replaces the config file's validation data source.
-
-    Returns:
-        The ``val/*`` metrics.
-
-    Raises:
-        ConfigError: No (or an inconsistent) validation data source.
-        MissingWeightsError: ``checkpoint`` is missing or not a dlightning training checkpoint.
-    """
-    from dlightning.config import load_config
-    from dlightning.export import generator_from_checkpoint
-    from dlightning.training.checkpointing import read_checkpoint_payload, resolve_checkpoint_argument
-
-    root = load_config(config_files, _with_data_source(list(overrides)))
-    cfg = root.validation
-    if lq_dir or gt_dir:
-        cfg = dataclasses.replace(cfg, lq_dir=lq_dir or cfg.lq_dir, gt_dir=gt_dir or cfg.gt_dir, shards=None)
-    clips = load_clips(cfg)  # before the (slow) model build, so a bad data source fails at once
-    if not config_files:
-        log.info("validate: no --config given; using the model section stored in %s", checkpoint)
-    checkpoint = resolve_checkpoint_argument(checkpoint)
-    gen, stored = generator_from_checkpoint(checkpoint, root.model if config_files else None)
-    step = int(read_checkpoint_payload(checkpoint).get("dlightning", {}).get("optimizer_step", 0))
-    if out:
-        run_dir = Path(out)
-    elif config_files:
-        run_dir = Path(root.trainer.run_dir)
-    else:
-        run_dir = Path(stored.get("trainer", {}).get("run_dir") or Path(checkpoint).parent)
-    callback = VideoValidation(cfg, run_dir, clips=clips)
-    metrics = callback.validate(gen, step)
-    log.info("validate: wrote %s", run_dir / "validation" / f"step-{step:08d}")
-    return metrics

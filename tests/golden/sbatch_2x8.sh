@@ -1,5 +1,5 @@
 #!/bin/bash
-# Rendered by dlightning.launch.render_sbatch from launch/train.sbatch.tmpl for run /scratch/runs/sd21-2x8.
+# Rendered by dlightning.launch.sbatch.render_sbatch from dlightning/launch/train.sbatch.tmpl for run /scratch/runs/sd21-2x8.
 # Change the launch section of the config and resubmit rather than editing this copy.
 #SBATCH --job-name=dlightning
 #SBATCH --nodes=2

@@ -22,7 +22,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dlightning.training.checkpointing import StepCheckpoint, checkpoint_dir, resolve_resume_checkpoint
+from dlightning.contracts.checkpoint_format import checkpoint_dir, resolve_resume_checkpoint
+from dlightning.training.checkpointing import StepCheckpoint
 from dlightning.training.preemption import PreemptionCallback
 from dlightning.training.strategy import build_cluster_plugins
 

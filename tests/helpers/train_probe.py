@@ -64,7 +64,7 @@ class StepDump(Callback):
     optimizer step.
 
     ``keys`` are the synthetic clip keys of the micro-batches of that step (they name rank and micro-batch).
-    ``sync_bytes`` counts the bytes the phase-aware DDP hook all-reduced so far (None without the hook).
+    ``sync_bytes`` counts the bytes the phase-aware DDP hook all-reduced so far (None without one).
     """
 
     def __init__(self, out_dir: str | Path) -> None:
@@ -76,7 +76,7 @@ class StepDump(Callback):
         state = {"params": pl_module.trainable_state_dict(), "keys": list(self._keys),
                  "optimizer_step": int(pl_module.optimizer_step), "micro_step": int(pl_module.micro_step),
                  "groups": parameter_group_names(pl_module),
-                 "sync_bytes": getattr(getattr(trainer.strategy, "_ddp_comm_state", None), "bytes_reduced", None)}
+                 "sync_bytes": getattr(pl_module.grad_sync, "bytes_reduced", None)}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_step{pl_module.optimizer_step}.pt")
         self._keys = []
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from dlightning.config import load_config
-    from dlightning.training.run import fit
+    from dlightning.train import fit
 
     torch.set_num_threads(1)
     cfg = load_config([DEMO_CONFIG], args.overrides)

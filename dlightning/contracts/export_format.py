@@ -1,0 +1,82 @@
+"""The merged export folder: its files and metadata, one definition for the writer and the reader.
+
+Layout (``dlightning.export`` writes it under ``DIR.tmp`` and renames it to ``DIR`` at the end)::
+
+    DIR/unet/                   merged UNet (diffusers layout, safetensors, ``in_channels == 8``)
+    DIR/cfr.safetensors         CFR: ``spynet.*`` and ``cross_attn_module.*`` (reference key layout, fp32)
+    DIR/vae/ text_encoder/ tokenizer/ scheduler/   base components (absent when ``base_path`` is set)
+    DIR/dlightning_export.json  the metadata below
+
+Metadata keys: ``format`` (this file's version), ``dlightning_version``, ``source_checkpoint``,
+``timestep``, ``x0_rule``, ``scale``, ``vae_latent``, ``vae_scaling_factor``, ``color_fix``,
+``prompt``, ``cfr`` (the CFR settings), ``fused_families`` (scale per LoRA family), ``dtype``,
+``base_path`` (a linked base folder, or null) and ``model_config`` (the model section as a dict).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dlightning.errors import MissingWeightsError
+
+METADATA_FILE = "dlightning_export.json"
+CFR_FILE = "cfr.safetensors"
+FORMAT_VERSION = 1
+UNET_DIR = "unet"
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+"""Sub-folders copied from the base model (or read from ``base_path`` when the export links it)."""
+WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+"""Dtypes an export's weights may be stored in."""
+REQUIRED_KEYS = ("scale", "timestep", "x0_rule", "vae_latent", "color_fix", "prompt", "model_config")
+
+
+def write_metadata(folder: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta`` as the folder's metadata file (it must hold every required key)."""
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"export metadata lacks {missing}")
+    path = Path(folder) / METADATA_FILE
+    path.write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
+    return path
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """The metadata of an export folder.
+
+    Raises:
+        MissingWeightsError: The folder is not a dlightning export, or its metadata is unreadable or
+            from a newer format.
+    """
+    root = Path(folder)
+    meta_file = root / METADATA_FILE
+    if not meta_file.is_file():
+        raise MissingWeightsError(f"{str(root)!r} is not a dlightning export (no {METADATA_FILE}); create one "
+                                  "with `dlightning export --checkpoint CKPT --out DIR`")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MissingWeightsError(f"{meta_file} is not valid JSON ({err}); re-run `dlightning export`") from err
+    if not isinstance(meta, dict) or int(meta.get("format", 0)) > FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else "?"
+        raise MissingWeightsError(f"{meta_file} has export format {found}; this dlightning reads format "
+                                  f"<= {FORMAT_VERSION}: upgrade dlightning")
+    return meta
+
+
+def component_folders(folder: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """Where each component of an export lives (``unet`` in the export, the rest possibly in ``base_path``).
+
+    Raises:
+        MissingWeightsError: A component folder or the CFR file is missing.
+    """
+    root = Path(folder)
+    base = Path(meta["base_path"]) if meta.get("base_path") else root
+    found = {UNET_DIR: root / UNET_DIR, **{name: base / name for name in BASE_COMPONENTS}}
+    for path in found.values():
+        if not path.is_dir():
+            raise MissingWeightsError(f"export {str(root)!r} is incomplete: {path} is missing")
+    if not (root / CFR_FILE).is_file():
+        raise MissingWeightsError(f"export {str(root)!r} is incomplete: {root / CFR_FILE} is missing")
+    return found

@@ -1,0 +1,174 @@
+"""Composition root of training: assemble the Trainer, the module and the data from a RootConfig, then
+run (or resume) ``fit``, or submit the same run to SLURM.
+
+This is the only place that knows every section of the config; each component receives only its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from dlightning.config import RootConfig, check_local_paths, to_container, to_yaml
+from dlightning.contracts.checkpoint_format import checkpoint_dir, list_valid_checkpoints
+from dlightning.data.datamodule import VSRDataModule
+from dlightning.errors import ConfigError
+from dlightning.launch.sbatch import submit as submit_sbatch
+from dlightning.tracking.loggers import LogResolvedConfig, build_logger, finish_tracking
+from dlightning.training.checkpointing import StepCheckpoint
+from dlightning.training.grad_sync import PhaseGradSync, build_grad_sync
+from dlightning.training.module import DLoRALModule
+from dlightning.training.preemption import PreemptionCallback
+from dlightning.training.schedule import SchedulePhase
+from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+_EXPECTED_WARNINGS = (
+    # The frozen VAE, text encoder, SPyNet and LPIPS are kept in eval mode on purpose.
+    r".*module\(s\) in eval mode at the start of training.*",
+    # The loader's __len__ is exact per rank: every worker yields its share of batches_per_epoch.
+    r".*IterableDataset. has .__len__. defined.*",
+    # The data module restores its own position (micro-batch index) from the checkpoint.
+    r".*your dataloader is not resumable.*",
+)
+
+
+def build_module(cfg: RootConfig, grad_sync: PhaseGradSync | None = None) -> DLoRALModule:
+    """The LightningModule, given only the sections it consumes (and the DDP gradient-sync state, if any)."""
+    return DLoRALModule(model=cfg.model, loss=cfg.loss, schedule=cfg.schedule, optim=cfg.optim,
+                        trainer=cfg.trainer, config_container=to_container(cfg), grad_sync=grad_sync)
+
+
+def build_datamodule(cfg: RootConfig) -> VSRDataModule:
+    """The data module; its phase of micro-batch m follows the same schedule as the module."""
+    return VSRDataModule(cfg.data, phase_fn=SchedulePhase(cfg.schedule, cfg.optim.accumulate))
+
+
+def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None, run_id: str | None = None,
+                  grad_sync: PhaseGradSync | None = None) -> L.Trainer:
+    """Lightning Trainer with our strategy, checkpoint I/O, preemption handling and logger."""
+    tcfg = cfg.trainer
+    run_dir = Path(tcfg.run_dir)
+    plugins: list[Any] = build_cluster_plugins()
+    all_callbacks: list[L.Callback] = [
+        StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
+        PreemptionCallback(run_dir / "checkpoints"),
+        LogResolvedConfig(to_container(cfg)),
+        *(callbacks or []),
+    ]
+    if cfg.validation.every_n_steps > 0:
+        from dlightning.training.validation import VideoValidation  # imports the inference stack
+
+        all_callbacks.append(VideoValidation(cfg.validation, run_dir))
+    return L.Trainer(
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=build_strategy(tcfg, batch_size=cfg.data.batch_size, clip_norm=cfg.optim.clip_norm,
+                                grad_sync=grad_sync),
+        precision=tcfg.precision,
+        max_steps=-1,
+        max_epochs=-1,
+        logger=build_logger(cfg.logging, run_dir, run_id=run_id),
+        callbacks=all_callbacks,
+        plugins=plugins,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        deterministic=tcfg.deterministic,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+    )
+
+
+def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | None = None) -> DLoRALModule:
+    """Train from scratch, or resume from the newest valid checkpoint in ``trainer.run_dir``.
+
+    Args:
+        cfg: the resolved configuration.
+        fresh: start from scratch; refused while the run folder holds checkpoints (the new run's
+            checkpoints would be pruned in favour of the old run's higher step numbers).
+        callbacks: extra Lightning callbacks (tests use them to observe training).
+
+    Returns:
+        The trained module.
+
+    Raises:
+        ConfigError: before anything heavy, for a SLURM allocation that does not match, a run folder
+            whose checkpoints cannot be used, or data sources that cannot be read.
+    """
+    tcfg = cfg.trainer
+    check_local_paths(cfg)
+    check_launch_environment(tcfg.devices, tcfg.num_nodes)
+    run_dir = Path(tcfg.run_dir)
+    ckpt = _checkpoint_to_resume(run_dir, fresh)
+    datamodule = build_datamodule(cfg)
+    datamodule.check_sources(world_size=tcfg.devices * tcfg.num_nodes)  # before the model is built
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    L.seed_everything(tcfg.seed, workers=True, verbose=False)
+    # One state: the strategy's DDP hook reads it, the module sets its phase at every step.
+    grad_sync = build_grad_sync(tcfg, cfg.optim)
+    module = build_module(cfg, grad_sync)
+    trainer = build_trainer(cfg, callbacks=callbacks, grad_sync=grad_sync)
+    try:
+        with warnings.catch_warnings():
+            for message in _EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except BaseException:
+        finish_tracking(trainer, exit_code=1)
+        raise
+    finish_tracking(trainer)
+    failed = [cb for cb in trainer.callbacks if getattr(cb, "requeue_failed", False)]
+    if failed:
+        raise RuntimeError("training stopped for a pre-emption but the SLURM requeue failed (see the log); "
+                           f"resubmit the job to resume from {failed[0].checkpoint_path}")
+    return module
+
+
+def _checkpoint_to_resume(run_dir: Path, fresh: bool) -> str | None:
+    """The checkpoint to resume from, None for a fresh start, or an error when the folder is unusable."""
+    folder = checkpoint_dir(run_dir)
+    named = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if fresh and named:
+        raise ConfigError(f"--fresh, but {folder} already holds checkpoints ({', '.join(named[:3])}...): "
+                          "move or delete that folder, or choose another trainer.run_dir")
+    if not named:
+        return None
+    found = list_valid_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"{folder} holds checkpoints but none is readable ({', '.join(named[:3])}): "
+                          "move them away to start from scratch, or restore a good one")
+    return found[-1][0]
+
+
+def submit(cfg: RootConfig, *, dry_run: bool = False) -> Path:
+    """Write the resolved config into ``<trainer.run_dir>/config.yaml`` and submit the run to SLURM.
+
+    ``trainer.num_nodes``/``trainer.devices`` in the snapshot are set from the launch section, so the
+    config and the allocation cannot disagree; the run folder is made absolute because the job may start
+    in another directory.
+
+    Returns:
+        The rendered ``train.sbatch``.
+    """
+    check_local_paths(cfg)  # a job must not wait in the queue only to fail on a missing file
+    cfg.trainer.num_nodes = cfg.launch.nodes
+    cfg.trainer.devices = cfg.launch.gpus_per_node
+    run_dir = Path(cfg.trainer.run_dir).resolve()
+    cfg.trainer.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(to_yaml(cfg), encoding="utf-8")
+    return submit_sbatch(cfg.launch, run_dir=run_dir, config_path=config_path, dry_run=dry_run)
