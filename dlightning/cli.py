@@ -73,22 +73,31 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="training checkpoint: a .ckpt file, a DeepSpeed checkpoint folder, or "
                    "a run folder (its newest valid checkpoint)")
     p.add_argument("--reference-pkl", help="the authors' model.pkl (needs --config for the base model)")
-    p.add_argument("--out", required=True, help="export folder (written as OUT.tmp, then renamed)")
+    p.add_argument("--out", required=True, help="export folder: new or empty, or one holding an export (with "
+                   "--overwrite); written as OUT.tmp-<random>, then renamed")
     p.add_argument("--consistency-only", action="store_true", help="fuse only C-LoRA (D scale 0)")
     p.add_argument("--scale-consistency", type=float, default=1.0)
     p.add_argument("--scale-detail", type=float, default=1.0)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--link-base", action="store_true", help="sd21: store the base path instead of copies")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT; a folder that "
+                   "holds anything else is refused even so (export never deletes files that are not an export)")
     p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
     p.add_argument("--prompt", default="", help="default prompt stored in the export")
 
 
 def _upscale_args(p: argparse.ArgumentParser) -> None:
     p.description = ("OUT is a video when it has a video suffix (.mp4, .mkv, ...), else a folder of PNG "
-                     "frames; a frame-folder input always gives a frame folder.")
+                     "frames (frame_000000.png, ...); a frame-folder input always gives a frame folder and a "
+                     "folder of videos gives a folder of OUT/<stem>.mp4. OUT is never the input, never contains "
+                     "it and never lies inside an input folder. Each output is written as a temporary sibling "
+                     "(OUT.tmp-<random>) and renamed when complete; an error, Ctrl-C or SIGTERM removes it.")
     p.add_argument("input", help="video file, folder of frames, or folder of videos")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="video file or frame folder (see above)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output: a video file is replaced; in an existing frame folder only "
+                   "the files named like upscale's frames (frame_NNNNNN.png) are replaced or removed, every "
+                   "other file stays. Without it an existing video or non-empty folder is refused")
     p.add_argument("--model", required=True, help="export folder written by `dlightning export`")
     p.add_argument("--batch-windows", type=int, help="(previous, current) windows per UNet call (4)")
     p.add_argument("--tile-size", type=int, help="latent tile side (96)")
@@ -166,7 +175,34 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT); SIGTERM gives 128 + SIGTERM."""
+
+
+def _stopping_cleanly(verb: str, run: Callable[[], object]) -> int:
+    """Run ``run`` with SIGTERM raising like Ctrl-C; either ends with one line and 128 + the signal.
+
+    The verb's own ``except``/``finally`` blocks have removed its temporary outputs by then.
+    """
+    from dlightning.inference.pipeline import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            run()
+    except KeyboardInterrupt:
+        log.error("%s interrupted (Ctrl-C); its unfinished output was removed", verb)
+        return INTERRUPTED
+    except Terminated as stop:
+        log.error("%s stopped by SIGTERM; its unfinished output was removed", verb)
+        return int(stop.code)
+    return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
+    return _stopping_cleanly("export", lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> None:
     from dlightning.export import export_checkpoint, export_reference
     from dlightning.inference.config import ExportConfig
 
@@ -184,7 +220,6 @@ def _run_export(args: argparse.Namespace) -> int:
         export_checkpoint(args.checkpoint, args.out, cfg)
     else:
         raise ConfigError("give --checkpoint CKPT (or --reference-pkl model.pkl --config CFG)")
-    return 0
 
 
 _UPSCALE_OPTIONS = ("batch_windows", "tile_size", "tile_overlap", "vae_tile_size", "color_fix", "prompt", "seed",
@@ -198,8 +233,9 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
     # Options left unset keep UpscaleConfig's defaults (one place defines them).
     given = {name: getattr(args, name) for name in _UPSCALE_OPTIONS if getattr(args, name) is not None}
-    upscale_exported(args.model, args.input, args.output, UpscaleConfig(**given))
-    return 0
+    cfg = UpscaleConfig(**given)
+    return _stopping_cleanly("upscale", lambda: upscale_exported(args.model, args.input, args.output, cfg,
+                                                                 overwrite=args.overwrite))
 
 
 def _run_demo(args: argparse.Namespace) -> int:

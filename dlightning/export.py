@@ -6,11 +6,19 @@ lora_scale=1.0)`` (peft's merge uses each adapter's current scaling, so the per-
 is fused), ``unet.unload_lora()``, check that ``conv_in`` is a plain 8-channel Conv2d and
 ``unet.config.in_channels == 8``, cast, ``save_pretrained(safe_serialization=True)``. The folder
 format is the contract in :mod:`dlightning.contracts.export_format`.
+
+The target is checked before any model is built (:func:`check_export_target`): a new or empty folder,
+or, with ``overwrite``, a folder holding an export and nothing else. A folder holding anything that is
+not part of an export is refused even with ``overwrite``, so export never deletes a user's files. The
+export is written into a new temporary sibling ``OUT.tmp-<random>``, removed on any error or
+interrupt, and renamed to ``OUT`` when complete.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -116,17 +124,63 @@ def export_metadata(generator: DLoRALGenerator, cfg: ExportConfig, fused: dict[s
     }
 
 
-def _prepare_target(out: Path, overwrite: bool) -> Path:
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
-    if occupied:
-        what = "an export" if (out / export_format.METADATA_FILE).is_file() else "files"
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds {what}; choose another folder or pass --overwrite")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def check_export_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an export target that export may not write (cheap; run before building any model).
+
+    Accepted: a missing or empty folder, or (with ``overwrite``) a folder that holds an export and
+    nothing else.
+
+    Raises:
+        ConfigError: The target is a file, holds files that are not an export, holds an export and
+            ``overwrite`` is off, or its parent cannot be written; the message names the fix.
+    """
+    out = Path(out)
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: {parent} is not a folder this user can write; choose "
+                          "another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder path (new or empty) for the export")
+    if not any(out.iterdir()):
+        return
+    foreign = export_format.foreign_entries(out)
+    if foreign or not (out / export_format.METADATA_FILE).is_file():
+        shown = ", ".join(foreign[:5]) or f"no {export_format.METADATA_FILE}"
+        raise ConfigError(f"--out {out} holds files that are not a dlightning export ({shown}); export never "
+                          "deletes them, even with --overwrite: choose a new or empty folder")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds an export; pass --overwrite to replace it, or choose "
+                          "another --out")
+
+
+def _new_temp_folder(out: Path) -> Path:
+    """A fresh ``OUT.tmp-<random>`` next to ``out`` (never an existing folder, so never a user's)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
     return tmp
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; a replaced export is moved aside first and removed after the rename."""
+    check_export_target(out, overwrite)  # again: the folder may have changed while the model was written
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # an interrupt between the two renames must not leave OUT missing
+        raise
+    shutil.rmtree(old)  # checked just above: it held an export's entries and nothing else
 
 
 def export_generator(generator: DLoRALGenerator, out: str | Path, cfg: ExportConfig | None = None,
@@ -143,14 +197,32 @@ def export_generator(generator: DLoRALGenerator, out: str | Path, cfg: ExportCon
 
     Returns:
         The export folder.
-    """
-    from safetensors.torch import save_file
 
+    Raises:
+        ConfigError: The target is refused (:func:`check_export_target`) or ``link_base`` is set for a
+            model without a base folder.
+    """
     cfg = cfg or ExportConfig()
     out = Path(out)
     if cfg.link_base and generator.cfg.preset != "sd21":
         raise ConfigError("export.link_base needs model.preset=sd21 (a tiny model has no base folder)")
-    tmp = _prepare_target(out, cfg.overwrite)
+    check_export_target(out, cfg.overwrite)
+    tmp = _new_temp_folder(out)
+    try:
+        _write_export(generator, tmp, cfg, source)
+        _publish(tmp, out, cfg.overwrite)
+    except BaseException:
+        # Ctrl-C, SIGTERM (under sigterm_raises) or an error: the temporary folder is ours alone.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported merged model to %s", out)
+    return out
+
+
+def _write_export(generator: DLoRALGenerator, tmp: Path, cfg: ExportConfig, source: str) -> None:
+    """Fuse and write every file of the export into ``tmp``."""
+    from safetensors.torch import save_file
+
     dtype = DTYPES[cfg.dtype]
     generator = generator.float().eval()
     fused = {"consistency": float(cfg.scale_consistency), "detail": float(cfg.scale_detail)}
@@ -166,11 +238,6 @@ def export_generator(generator: DLoRALGenerator, out: str | Path, cfg: ExportCon
         generator.prompt_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
         _noise_scheduler(generator).save_pretrained(tmp / "scheduler")
     export_format.write_metadata(tmp, export_metadata(generator, cfg, fused, source))
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
-    log.info("exported merged model to %s", out)
-    return out
 
 
 def _noise_scheduler(generator: DLoRALGenerator):
@@ -186,7 +253,8 @@ def _noise_scheduler(generator: DLoRALGenerator):
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> Path:
-    """Export a dlightning training checkpoint (see :func:`export_generator`)."""
+    """Export a dlightning training checkpoint (see :func:`export_generator`); the target is checked first."""
+    check_export_target(out, (cfg or ExportConfig()).overwrite)
     ckpt = read_training_checkpoint(checkpoint)
     return export_generator(restore_generator(ckpt), out, cfg, source=str(checkpoint))
 
@@ -196,6 +264,7 @@ def export_reference(pkl: str | Path, model_cfg: ModelConfig, out: str | Path,
     """Export the authors' ``model.pkl`` (read with ``weights_only=True``) on the base of ``model_cfg``."""
     from dlightning.models.reference_ckpt import load_reference_checkpoint
 
+    check_export_target(out, (cfg or ExportConfig()).overwrite)
     gen = DLoRALGenerator(model_cfg).eval()
     load_reference_checkpoint(gen, pkl)
     return export_generator(gen, out, cfg, source=str(pkl))

@@ -13,18 +13,20 @@ from typing import Any
 import lightning as L
 
 from dlightning.config import RootConfig, check_local_paths, to_container, to_yaml
-from dlightning.contracts.checkpoint_format import checkpoint_dir, list_valid_checkpoints
+from dlightning.contracts.checkpoint_format import checkpoint_dir, list_valid_checkpoints, read_training_checkpoint
 from dlightning.data.datamodule import VSRDataModule
 from dlightning.errors import ConfigError
 from dlightning.launch.sbatch import submit as submit_sbatch
+from dlightning.resume_check import check_resume
 from dlightning.tracking.loggers import LogResolvedConfig, build_logger, finish_tracking
 from dlightning.training.checkpointing import StepCheckpoint
 from dlightning.training.grad_sync import PhaseGradSync, build_grad_sync
 from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import PreemptionCallback
+from dlightning.training.run_lock import RunLock
 from dlightning.training.schedule import SchedulePhase
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
-from dlightning.utils.logging import get_logger
+from dlightning.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
 
@@ -109,13 +111,29 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
     check_local_paths(cfg)
     check_launch_environment(tcfg.devices, tcfg.num_nodes)
     run_dir = Path(tcfg.run_dir)
-    ckpt = _checkpoint_to_resume(run_dir, fresh)
     datamodule = build_datamodule(cfg)
     datamodule.check_sources(world_size=tcfg.devices * tcfg.num_nodes)  # before the model is built
+    rank_zero = global_rank() == 0
+    lock = RunLock(run_dir).acquire() if rank_zero else None  # one fit per run folder
+    try:
+        return _fit_in_locked_folder(cfg, datamodule, fresh=fresh, callbacks=callbacks, rank_zero=rank_zero)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_in_locked_folder(cfg: RootConfig, datamodule: VSRDataModule, *, fresh: bool,
+                          callbacks: list[L.Callback] | None, rank_zero: bool) -> DLoRALModule:
+    """The part of :func:`fit` that runs while this process holds the run folder's lock."""
+    tcfg = cfg.trainer
+    run_dir = Path(tcfg.run_dir)
+    ckpt = _checkpoint_to_resume(run_dir, fresh)
+    if ckpt:
+        stored = read_training_checkpoint(ckpt).config
+        check_resume(stored, to_container(cfg), checkpoint=ckpt, run_dir=run_dir, record=rank_zero)
+        log.info("resuming from %s", ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if ckpt:
-        log.info("resuming from %s", ckpt)
     L.seed_everything(tcfg.seed, workers=True, verbose=False)
     # One state: the strategy's DDP hook reads it, the module sets its phase at every step.
     grad_sync = build_grad_sync(tcfg, cfg.optim)

@@ -1,6 +1,7 @@
 """The merged export folder: its files and metadata, one definition for the writer and the reader.
 
-Layout (``dlightning.export`` writes it under ``DIR.tmp`` and renames it to ``DIR`` at the end)::
+Layout (``dlightning.export`` writes it into a new ``DIR.tmp-<random>`` and renames it to ``DIR`` at
+the end)::
 
     DIR/unet/                   merged UNet (diffusers layout, safetensors, ``in_channels == 8``)
     DIR/cfr.safetensors         CFR: ``spynet.*`` and ``cross_attn_module.*`` (reference key layout, fp32)
@@ -11,6 +12,9 @@ Metadata keys: ``format`` (this file's version), ``dlightning_version``, ``sourc
 ``timestep``, ``x0_rule``, ``scale``, ``vae_latent``, ``vae_scaling_factor``, ``color_fix``,
 ``prompt``, ``cfr`` (the CFR settings), ``fused_families`` (scale per LoRA family), ``dtype``,
 ``base_path`` (a linked base folder, or null) and ``model_config`` (the model section as a dict).
+
+An export folder holds only :data:`EXPORT_ENTRIES`; :func:`foreign_entries` lists anything else, which
+``dlightning export --overwrite`` refuses to replace (it replaces an export folder as a whole).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
 """Dtypes an export's weights may be stored in."""
 REQUIRED_KEYS = ("scale", "timestep", "x0_rule", "vae_latent", "color_fix", "prompt", "model_config")
+EXPORT_ENTRIES = (METADATA_FILE, CFR_FILE, UNET_DIR, *BASE_COMPONENTS)
+"""Every top-level name an export folder may hold."""
 
 
 def write_metadata(folder: str | Path, meta: dict[str, Any]) -> Path:
@@ -62,7 +68,16 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else "?"
         raise MissingWeightsError(f"{meta_file} has export format {found}; this dlightning reads format "
                                   f"<= {FORMAT_VERSION}: upgrade dlightning")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("scale"), int) or meta["scale"] < 1:
+        raise MissingWeightsError(f"{meta_file} lacks {missing or ['a positive integer scale']}; it is damaged: "
+                                  "re-run `dlightning export`")
     return meta
+
+
+def foreign_entries(folder: str | Path) -> list[str]:
+    """Names in ``folder`` that are not part of an export's layout (sorted; empty for a pure export)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in EXPORT_ENTRIES)
 
 
 def component_folders(folder: str | Path, meta: dict[str, Any]) -> dict[str, Path]:

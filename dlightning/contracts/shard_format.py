@@ -130,7 +130,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         if missing or not isinstance(rec["file"], str) or not rec["file"]:
             raise ConfigError(f"{path}: shards[{i}] lacks {missing or ['a file name']} (each record holds "
                               f"{list(SHARD_KEYS)}); rebuild the shard set")
+        if not _is_plain_name(rec["file"]):
+            # Shards live in the manifest's folder: a path would make readers open files elsewhere.
+            raise ConfigError(f"{path}: shards[{i}].file {rec['file']!r} is not a file name in the shard-set "
+                              "folder; rebuild the shard set")
     return data
+
+
+def _is_plain_name(name: str) -> bool:
+    return name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def manifest_shard_files(manifest: Mapping[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from dlightning.contracts.phases import PHASES, PhaseFn
 from dlightning.data.config import DataConfig
 from dlightning.data.loader import build_train_dataloader, check_phase_weights, load_shard_urls
+from dlightning.utils.distributed import gather_from_ranks, this_rank
 
 
 class VSRDataModule(L.LightningDataModule):
@@ -77,14 +78,22 @@ class VSRDataModule(L.LightningDataModule):
         """Record the index of the next micro-batch to consume (call before saving a checkpoint)."""
         self.micro_batch = int(micro_batch)
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"micro_batch", "resume_count"}`` for the checkpoint."""
-        return {"micro_batch": self.micro_batch, "resume_count": self.resume_count}
+    def state_dict(self) -> dict[str, Any]:
+        """``{"micro_batch", "resume_count", "skips_per_rank"}`` for the checkpoint.
+
+        Runs on every rank (only rank 0 writes the file), so the skip counts of all ranks are gathered
+        here and each rank continues its own after a resume.
+        """
+        return {"micro_batch": self.micro_batch, "resume_count": self.resume_count,
+                "skips_per_rank": gather_from_ranks(dict(self._skips))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the position; counts one more resume (fresh shard streams)."""
+        """Restore the position and this rank's skip counts; counts one more resume (fresh shard streams)."""
         self.micro_batch = int(state_dict["micro_batch"])
         self.resume_count = int(state_dict["resume_count"]) + 1
+        per_rank = state_dict.get("skips_per_rank") or []
+        rank = self.rank if self.rank is not None else this_rank()
+        self._skips = Counter(per_rank[rank] if rank < len(per_rank) else {})
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Pop ``batch["skipped"]`` into the running totals (main process)."""

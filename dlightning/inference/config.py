@@ -96,7 +96,7 @@ class UpscaleConfig:
             raise ConfigError("upscale.max_frames, min_short_side, vae_tile_size and vae_tile_padding "
                               "must be >= 0")
         # The short side is enlarged to this before the x4 model: beyond 4096 no frame fits in memory.
-        check_range("upscale", "min_short_side", self.min_short_side, high=MAX_MIN_SHORT_SIDE)
+        check_range("upscale", "min_short_side", self.min_short_side, low=0, high=MAX_MIN_SHORT_SIDE)
         check_range("upscale", "crf", self.crf, low=0, high=51)
         check_range("upscale", "seed", self.seed, low=0)
 

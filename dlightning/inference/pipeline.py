@@ -13,12 +13,22 @@ does. Windows are batched (``batch_windows`` per UNet call). Per frame (docs/MET
    tiling matches it up to the receptive field beyond its padding (docs/INFERENCE.md has the numbers).
 3. Colour fix against the bicubic-upsampled LQ, crop the padding, and resize to exactly
    ``scale x original size`` when the frame was enlarged.
+
+Outputs (:func:`plan_outputs`, checked with the inputs and the frame sizes before the model loads):
+an output is never the input, never contains it and never lies inside an input folder; an existing
+output is refused unless ``overwrite``, and then only what upscale writes is replaced (the video
+file, or the ``frame_NNNNNN.png`` files of a frame folder; other files stay). Every output is written
+into a new temporary sibling and renamed when complete; an error, Ctrl-C or SIGTERM (with
+:func:`sigterm_raises`) removes the temporary sibling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +44,7 @@ from dlightning.inference.config import UpscaleConfig
 from dlightning.inference.tiled_vae import shared_norm_tiling
 from dlightning.inference.tiling import needs_tiling, tiled_denoise, unet_alignment
 from dlightning.inference.video_io import (
+    FRAME_NAME,
     FrameFolderWriter,
     InputError,
     VideoSource,
@@ -69,6 +80,84 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+MAX_FRAME_SIDE = 16384
+"""Largest frame side upscale processes or writes (libx264 refuses wider frames)."""
+MAX_FRAME_PIXELS = 1 << 27
+"""Largest processed frame area (134 megapixels: a 3840x2160 input at x4 fits; 16384x16384 does not)."""
+
+
+def pad_multiple(scale: int) -> int:
+    """LR sides are padded to a multiple of this so that ``side * scale`` is a multiple of 8."""
+    return 8 // math.gcd(8, scale)
+
+
+def enlarged_size(height: int, width: int, min_short_side: int) -> tuple[int, int]:
+    """The LR size after the bicubic enlargement of frames whose short side is below ``min_short_side``."""
+    short = min(height, width)
+    if not 0 < short < min_short_side:
+        return height, width
+    f = min_short_side / short
+    return max(round(height * f), min_short_side), max(round(width * f), min_short_side)
+
+
+def processed_size(height: int, width: int, scale: int, min_short_side: int) -> tuple[int, int]:
+    """The HR size the model works at for an LR frame: enlarged, padded, times ``scale``."""
+    h, w = enlarged_size(height, width, min_short_side)
+    m = pad_multiple(scale)
+    return (h + (-h) % m) * scale, (w + (-w) % m) * scale
+
+
+def check_frame_sizes(sources: list[VideoSource], scale: int, min_short_side: int) -> None:
+    """Refuse sources whose processed frames exceed :data:`MAX_FRAME_SIDE` or :data:`MAX_FRAME_PIXELS`.
+
+    Cheap (the sizes come from the probe), so it runs before the model loads.
+
+    Raises:
+        ConfigError: The processed frame of a source is too large; the message names the fix.
+    """
+    for source in sources:
+        if source.size is None:
+            continue
+        height, width = source.size
+        ph, pw = processed_size(height, width, scale, min_short_side)
+        if max(ph, pw) <= MAX_FRAME_SIDE and ph * pw <= MAX_FRAME_PIXELS:
+            continue
+        enlarged = enlarged_size(height, width, min_short_side) != (height, width)
+        how = (f"enlarged to a short side of {min_short_side} (--min-short-side), then x{scale}" if enlarged
+               else f"x{scale}")
+        fix = "lower --min-short-side" if enlarged else "downscale the input first"
+        raise ConfigError(f"{source.path}: {width}x{height} frames would be processed at {pw}x{ph} px ({how}); "
+                          f"frames are limited to {MAX_FRAME_SIDE} px a side and {MAX_FRAME_PIXELS // 10**6} "
+                          f"megapixels: {fix}")
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived under :func:`sigterm_raises`; the exit code is ``128 + SIGTERM``."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread instead of killing the process.
+
+    So the ``except``/``finally`` blocks that remove temporary outputs run on SIGTERM as on Ctrl-C. A
+    second SIGTERM during that clean-up is ignored. Outside the main thread (where Python cannot set
+    signal handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _to_tensor(frames: list[np.ndarray], device: torch.device) -> torch.Tensor:
     arr = torch.from_numpy(np.stack(frames)).to(device)
     return arr.permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -100,7 +189,7 @@ class Upscaler:
         # The frozen VAE carries the compute dtype (a training generator keeps its trainables in fp32).
         param = next(model.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._pad_multiple = 8 // math.gcd(8, self.scale)
+        self._pad_multiple = pad_multiple(self.scale)
         self._tile_align = unet_alignment(model)
         if cfg.vae_tile_size > 0 and cfg.vae_tiling == "diffusers":
             vae = model.vae
@@ -117,10 +206,8 @@ class Upscaler:
     def _prepare(self, lq: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Enlarge small frames and pad; returns the padded LR batch and its unpadded size."""
         h, w = lq.shape[-2:]
-        short = min(h, w)
-        if 0 < short < self.cfg.min_short_side:
-            f = self.cfg.min_short_side / short
-            size = (max(round(h * f), self.cfg.min_short_side), max(round(w * f), self.cfg.min_short_side))
+        size = enlarged_size(h, w, self.cfg.min_short_side)
+        if size != (h, w):
             lq = F.interpolate(lq, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
         h2, w2 = lq.shape[-2:]
         m = self._pad_multiple
@@ -188,29 +275,37 @@ class Upscaler:
         return self._run_chunk(lq, targets, prevs, chunk[0].shape[:2])
 
     # ------------------------------------------------------------------ files
-    def upscale_source(self, source: VideoSource, out: Path) -> Path:
-        """Upscale one source into ``out`` (a video when ``out`` has a video suffix, else a frame folder)."""
+    def upscale_source(self, source: VideoSource, out: Path, *, overwrite: bool = False) -> Path:
+        """Upscale one source into ``out`` (a video when ``out`` has a video suffix, else a frame folder).
+
+        ``out`` is written as a temporary sibling and published at the end; on any error or interrupt the
+        temporary sibling is removed. ``overwrite`` lets the end replace an existing video, or the frames
+        of an existing frame folder (:class:`~dlightning.inference.video_io.FrameFolderWriter`).
+        """
         if self.cfg.seed is not None:
             torch.manual_seed(self.cfg.seed)
         as_video = is_video_path(out)
         if as_video and source.fps is None:
             raise InputError(f"{source.path} is a frame folder (no frame rate): give an output folder "
                              f"without a video suffix instead of {out}")
-        writer = (VideoWriter(out, source.fps, source.path if source.has_audio else None, crf=self.cfg.crf)
-                  if as_video else FrameFolderWriter(out))
         total = source.num_frames
         if self.cfg.max_frames:
             total = min(total, self.cfg.max_frames) if total else self.cfg.max_frames
-        bar = tqdm(total=total, unit="frame", desc=source.path.name, dynamic_ncols=True)
         start, count = time.perf_counter(), 0
+        writer = None
+        bar = tqdm(total=total, unit="frame", desc=source.path.name, dynamic_ncols=True)
         try:
+            writer = (VideoWriter(out, source.fps, source.path if source.has_audio else None, crf=self.cfg.crf,
+                                  replace=overwrite)
+                      if as_video else FrameFolderWriter(out, overwrite=overwrite))
             for frame in self.upscale_frames(source.frames(self.cfg.max_frames)):
                 writer.write(frame)
                 count += 1
                 bar.update(1)
             writer.close()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         finally:
             bar.close()
@@ -219,38 +314,138 @@ class Upscaler:
         return out
 
 
-def output_paths(sources: list[VideoSource], out: Path) -> list[Path]:
-    """Where each source goes: ``out`` itself for one source, ``out/<stem>.mp4`` for a folder of videos."""
-    if len(sources) == 1 and not (sources[0].kind == "video" and out.is_dir()):
+# ------------------------------------------------------------------------------------------ outputs
+def _is_folder_of_videos(inp: Path, sources: list[VideoSource]) -> bool:
+    return inp.is_dir() and sources[0].kind == "video"
+
+
+def output_paths(inp: str | Path, sources: list[VideoSource], out: str | Path) -> list[Path]:
+    """Where each source goes: ``out`` for a video or a frame folder, ``out/<stem>.mp4`` per video of a
+    folder of videos (even one).
+
+    Raises:
+        ConfigError: A folder of videos with a video name as output, or two videos with one stem.
+    """
+    inp, out = Path(inp), Path(out)
+    if not _is_folder_of_videos(inp, sources):
         return [out]
     if is_video_path(out):
-        raise InputError(f"several input videos need an output folder, got the video name {out}")
-    return [out / f"{s.path.stem}.mp4" for s in sources]
+        raise ConfigError(f"{inp} is a folder of videos: give an output folder (no video suffix), not {out}")
+    targets: dict[Path, Path] = {}
+    for source in sources:
+        target = out / f"{source.path.stem}.mp4"
+        if target in targets:
+            raise ConfigError(f"{targets[target].name} and {source.path.name} would both be written to {target}; "
+                              "rename one of them")
+        targets[target] = source.path
+    return list(targets)
+
+
+def check_output_location(inp: str | Path, out: str | Path) -> None:
+    """Refuse an output that is the input, contains it, or lies inside an input folder.
+
+    Raises:
+        ConfigError: The message names the clash and asks for another ``-o``.
+    """
+    src, dst = Path(inp).resolve(), Path(out).resolve()
+    if dst == src:
+        raise ConfigError(f"-o {out} is the input itself; upscale never writes over its input: choose another "
+                          "output")
+    if src.is_relative_to(dst):
+        raise ConfigError(f"-o {out} contains the input {inp}; choose an output outside it")
+    if Path(inp).is_dir() and dst.is_relative_to(src):
+        raise ConfigError(f"-o {out} is inside the input folder {inp} (which upscale only reads); choose an "
+                          "output outside it")
+
+
+def _check_parent_writable(target: Path) -> None:
+    """The nearest existing ancestor of ``target`` must be a folder we may write into."""
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create {target}: {parent} is a file, not a folder; choose another output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {target}: no write permission in {parent}; choose another output")
+
+
+def check_target(target: Path, source: VideoSource, *, overwrite: bool = False) -> None:
+    """Refuse a target that upscale may not (over)write: see :func:`plan_outputs`.
+
+    Raises:
+        ConfigError: The message names the problem and the fix (often ``--overwrite``).
+    """
+    if is_video_path(target) and source.fps is None:
+        raise ConfigError(f"{source.path} is a frame folder (no frame rate): give an output folder without a "
+                          f"video suffix instead of {target}")
+    _check_parent_writable(target)
+    if not target.exists():
+        return
+    if source.kind == "video" and target.is_file() and os.path.samefile(target, source.path):
+        raise ConfigError(f"-o {target} is the input itself (the same file); choose another output")
+    if is_video_path(target):
+        if target.is_dir():
+            raise ConfigError(f"{target} is a folder; name a video file, or drop the video suffix to write "
+                              "a frame folder")
+        if not overwrite:
+            raise ConfigError(f"{target} exists; pass --overwrite to replace it, or choose another name")
+        return
+    if not target.is_dir():
+        raise ConfigError(f"{target} is a file, not a frame folder; choose another name (a video needs a video "
+                          "suffix such as .mp4)")
+    if not overwrite and any(target.iterdir()):
+        raise ConfigError(f"{target} is a non-empty folder; pass --overwrite to replace the frames upscale writes "
+                          f"there ({FRAME_NAME.format(0)}, ...; other files are kept), or choose a new folder")
+
+
+def plan_outputs(inp: str | Path, sources: list[VideoSource], out: str | Path, *, overwrite: bool = False,
+                 ) -> list[Path]:
+    """The outputs of ``sources`` (from ``inp``) under ``out``, every one checked before any work starts.
+
+    Rules: an output is never the input, never contains it and never lies inside an input folder; an
+    existing video or non-empty frame folder is refused unless ``overwrite``; with ``overwrite`` a video
+    is replaced, and a frame folder gets its ``frame_NNNNNN.png`` files replaced (those beyond the new
+    frame count removed) while every other file in it stays.
+
+    Raises:
+        ConfigError: A target breaks a rule; the message names it and the fix.
+    """
+    check_output_location(inp, out)
+    targets = output_paths(inp, sources, out)
+    for source, target in zip(sources, targets, strict=True):
+        check_target(target, source, overwrite=overwrite)
+    return targets
 
 
 def upscale_path(model, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *, color_fix_default: str = "adain",
-                 prompt_default: str = "") -> list[Path]:
-    """Upscale a video, a frame folder or a folder of videos (all inputs are checked first).
+                 prompt_default: str = "", overwrite: bool = False) -> list[Path]:
+    """Upscale a video, a frame folder or a folder of videos (inputs and outputs are checked first).
 
     Returns:
         The written outputs.
     """
     sources = collect_inputs(inp)
-    targets = output_paths(sources, Path(out))
+    targets = plan_outputs(inp, sources, out, overwrite=overwrite)
+    check_frame_sizes(sources, int(model.cfg.scale), cfg.min_short_side)
     upscaler = Upscaler(model, cfg, color_fix_default=color_fix_default, prompt_default=prompt_default)
-    return [upscaler.upscale_source(s, t) for s, t in zip(sources, targets, strict=True)]
+    return [upscaler.upscale_source(s, t, overwrite=overwrite) for s, t in zip(sources, targets, strict=True)]
 
 
-def upscale_exported(export_dir: str | Path, inp: str | Path, out: str | Path, cfg: UpscaleConfig) -> list[Path]:
-    """Load an export folder on the configured device/dtype and upscale ``inp`` into ``out``."""
+def upscale_exported(export_dir: str | Path, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *,
+                     overwrite: bool = False) -> list[Path]:
+    """Load an export folder on the configured device/dtype and upscale ``inp`` into ``out``.
+
+    Inputs, outputs (:func:`plan_outputs`) and frame sizes are checked before the model loads.
+    """
     from dlightning.contracts.export_format import read_metadata
     from dlightning.inference.exported import load_exported
 
-    sources = collect_inputs(inp)  # fail on bad input before loading the model
-    output_paths(sources, Path(out))
+    sources = collect_inputs(inp)
+    plan_outputs(inp, sources, out, overwrite=overwrite)
     meta = read_metadata(export_dir)
+    check_frame_sizes(sources, int(meta["scale"]), cfg.min_short_side)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_exported(export_dir, device=device, dtype=dtype)
     return upscale_path(model, inp, out, cfg, color_fix_default=meta.get("color_fix", "adain"),
-                        prompt_default=meta.get("prompt", ""))
+                        prompt_default=meta.get("prompt", ""), overwrite=overwrite)

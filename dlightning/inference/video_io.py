@@ -4,13 +4,18 @@
   of videos. Frames come out as RGB uint8 ``(H, W, 3)``; grayscale and alpha inputs are converted.
 * Frame rate: the stream's average rate (total frames / duration), so a variable-frame-rate source is
   written at constant rate with the same duration.
-* Outputs are written under a temporary name in the target folder and renamed at the end, so the
-  final name never holds a partial result.
+* Outputs are written into a new temporary sibling (``OUT.tmp-<random>`` for a frame folder,
+  ``<stem>.tmp-<random><suffix>`` for a video, so the container format is kept) and renamed at the
+  end, so the final name never holds a partial result. An existing frame folder keeps every file that
+  is not named like one of upscale's frames (:data:`FRAME_NAME`); only those are replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dlightning.errors import ConfigError
 from dlightning.media import UnreadableInputError, probe_video, read_image
 from dlightning.utils.logging import get_logger
 
@@ -47,6 +53,8 @@ class VideoSource:
     fps: Fraction | None
     num_frames: int | None
     has_audio: bool = False
+    size: tuple[int, int] | None = None
+    """``(height, width)`` of the frames, when the container or the first image tells it."""
 
     def frames(self, max_frames: int = 0) -> Iterator[np.ndarray]:
         """RGB uint8 frames ``(H, W, 3)`` in order (at most ``max_frames`` when > 0)."""
@@ -91,7 +99,18 @@ def video_source(path: str | Path) -> VideoSource:
     if info.fps is None:
         raise InputError(f"{path} has no frame rate; re-mux it with a rate or pass a frame folder")
     return VideoSource(path=path, kind="video", fps=info.fps, num_frames=info.num_frames,
-                       has_audio=info.has_audio)
+                       has_audio=info.has_audio, size=_video_size(path))
+
+
+def _video_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` the container declares for the first video stream (None when it says 0)."""
+    import av
+
+    # probe_video has already decoded a frame, so the file opens; only the header is read here.
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
+    return (height, width) if height and width else None
 
 
 def probe_frames(folder: Path) -> VideoSource:
@@ -99,8 +118,9 @@ def probe_frames(folder: Path) -> VideoSource:
     files = _image_files(folder)
     if not files:
         raise InputError(f"folder {folder} holds no frames ({', '.join(IMAGE_SUFFIXES)})")
-    read_image(files[0])
-    return VideoSource(path=folder, kind="frames", fps=None, num_frames=len(files))
+    first = read_image(files[0])
+    return VideoSource(path=folder, kind="frames", fps=None, num_frames=len(files),
+                       size=(int(first.shape[0]), int(first.shape[1])))
 
 
 def collect_inputs(path: str | Path) -> list[VideoSource]:
@@ -131,40 +151,84 @@ def is_video_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
-def partial_path(final: Path) -> Path:
-    """Temporary sibling of ``final`` (same folder, same suffix so the container format is kept)."""
-    return final.with_name(f".{final.stem}.partial{final.suffix}")
+FRAME_NAME = "frame_{:06d}.png"
+"""File name of output frame ``i`` in a frame folder; ``--overwrite`` replaces only files named so."""
+_FRAME_NAME_RE = re.compile(r"frame_\d{6}\.png")
+
+
+def is_frame_name(name: str) -> bool:
+    """Whether ``name`` is the name of one of upscale's output frames (:data:`FRAME_NAME`)."""
+    return _FRAME_NAME_RE.fullmatch(name) is not None
+
+
+def temp_sibling(final: Path) -> Path:
+    """A fresh temporary name next to ``final``: ``OUT.tmp-<random>``, the suffix kept for videos."""
+    token = secrets.token_hex(4)
+    if is_video_path(final):
+        return final.with_name(f"{final.stem}.tmp-{token}{final.suffix}")
+    return final.with_name(f"{final.name}.tmp-{token}")
 
 
 class FrameFolderWriter:
-    """Write ``frame_%06d.png`` into a temporary folder, renamed to ``final`` by :meth:`close`."""
+    """Write :data:`FRAME_NAME` frames into a new temporary sibling folder, published by :meth:`close`.
 
-    def __init__(self, final: str | Path) -> None:
+    Args:
+        final: The frame folder. When it exists, it must be empty unless ``overwrite``.
+        overwrite: Let :meth:`close` publish into an existing non-empty folder: frames named like
+            ours are replaced (and older ones beyond the new count removed); every other file stays.
+    """
+
+    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
         self.final = Path(final)
-        self.tmp = partial_path(self.final)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        self.overwrite = overwrite
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_sibling(self.final)
+        self.tmp.mkdir()  # exist_ok=False: a fresh folder of our own, the only one abort() removes
         self.count = 0
 
     def write(self, frame: np.ndarray) -> None:
         """Append one RGB uint8 frame."""
-        cv2.imwrite(str(self.tmp / f"frame_{self.count:06d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(self.tmp / FRAME_NAME.format(self.count)), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         self.count += 1
 
     def close(self) -> None:
-        """Publish the folder under its final name (replacing an older one)."""
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        self.tmp.rename(self.final)
+        """Publish the frames under the final name.
+
+        Raises:
+            ConfigError: ``final`` became a file or a non-empty folder (without ``overwrite``) during
+                the run; the temporary folder is left for the caller's :meth:`abort`.
+        """
+        if self.final.is_dir() and not any(self.final.iterdir()):
+            self.final.rmdir()
+        if not self.final.exists():
+            self.tmp.rename(self.final)
+            return
+        if not self.final.is_dir() or not self.overwrite:
+            raise ConfigError(f"{self.final} was created by something else during the run; choose another "
+                              "output (or pass --overwrite to replace the frames in a folder)")
+        self._merge_into_final()
+
+    def _merge_into_final(self) -> None:
+        """Move our frames into the existing folder, then remove its older frames beyond the new count."""
+        # Each os.replace is atomic, so every frame name holds either the old or the new complete frame.
+        for i in range(self.count):
+            name = FRAME_NAME.format(i)
+            os.replace(self.tmp / name, self.final / name)
+        self.tmp.rmdir()
+        stale = (p for p in self.final.iterdir() if p.is_file() and is_frame_name(p.name))
+        for path in stale:
+            if int(path.stem.split("_")[1]) >= self.count:
+                path.unlink()
 
     def abort(self) -> None:
-        """Remove the partial output."""
+        """Remove the temporary folder (only ever our own, created by __init__)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class VideoWriter:
-    """H.264 video at ``fps`` with the source's audio copied, written to a temporary name then renamed.
+    """H.264 video at ``fps`` with the source's audio copied, written to a temporary sibling then renamed.
+
+    :meth:`close` replaces an existing ``final`` file only when ``replace`` is true.
 
     Args:
         final: Output video path (its suffix picks the container).
@@ -172,11 +236,14 @@ class VideoWriter:
         audio_from: Source video whose audio streams are remuxed (re-encoded to AAC when the codec
             cannot go into an mp4).
         crf: H.264 constant rate factor.
+        replace: Replace an existing ``final`` file; when false, :meth:`close` refuses to.
     """
 
-    def __init__(self, final: str | Path, fps: Fraction, audio_from: Path | None = None, crf: int = 18) -> None:
+    def __init__(self, final: str | Path, fps: Fraction, audio_from: Path | None = None, crf: int = 18,
+                 replace: bool = True) -> None:
         self.final = Path(final)
-        self.tmp = partial_path(self.final)
+        self.replace = replace
+        self.tmp = temp_sibling(self.final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.fps = Fraction(fps).limit_denominator(100000)
         self.audio_from = audio_from
@@ -241,7 +308,13 @@ class VideoWriter:
             self._audio_src.seek(0)
 
     def close(self) -> None:
-        """Flush, copy the audio and publish under the final name."""
+        """Flush, copy the audio and publish under the final name.
+
+        Raises:
+            InputError: No frame was written.
+            ConfigError: ``final`` exists and ``replace`` is false (the temporary file is left for
+                :meth:`abort`).
+        """
         if self.container is None:
             raise InputError(f"no frame was produced for {self.final}")
         for packet in self.stream.encode(None):
@@ -250,6 +323,9 @@ class VideoWriter:
             self._copy_audio()
             self._audio_src.close()
         self.container.close()
+        if self.final.exists() and not self.replace:
+            raise ConfigError(f"{self.final} was created by something else during the run; choose another "
+                              "output or pass --overwrite")
         self.tmp.replace(self.final)
 
     def abort(self) -> None:

@@ -38,8 +38,8 @@ class CSDConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.t_min < self.t_max <= 1000:
-            raise ConfigError(f"loss.csd needs 0 <= t_min < t_max <= 1000 (the teacher's timesteps), got "
-                              f"t_min={self.t_min}, t_max={self.t_max}")
+            raise ConfigError(f"loss.csd.t_min={self.t_min} / loss.csd.t_max={self.t_max} must satisfy "
+                              "0 <= t_min < t_max <= 1000 (the teacher's timesteps are drawn in [t_min, t_max))")
         check_range("loss.csd", "guidance_scale", self.guidance_scale, low=0)
 
 

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlightning.contracts.shard_format import DATA_PREP_VERSION, shard_file_name, shard_glob
+from dlightning.contracts.shard_format import (
+    DATA_PREP_VERSION,
+    MANIFEST_NAME,
+    read_manifest,
+    shard_file_name,
+    shard_glob,
+)
 from dlightning.degradation.presets import preset_to_dict
 from dlightning.errors import ConfigError
 from dlightning.shards.config import DataPrepConfig, config_to_dict, demo_config, load_prep_config
@@ -187,6 +193,33 @@ def _run_tasks(cfg: DataPrepConfig, todo: list[ShardTask], on_done: Callable[[di
     bar.close()
 
 
+def prepare_output_dir(out: Path) -> None:
+    """Check ``out`` can take this build and create it.
+
+    The build deletes nothing: it writes its shards (``<name>-NNNNNN.tar``, via ``.tar.tmp``),
+    ``manifest.json``, ``report.json`` and ``.progress/`` and leaves every other file alone. So a
+    folder with other files is fine, but one whose ``manifest.json`` or ``report.json`` is not a
+    shard set's would lose that file, and is refused.
+
+    Raises:
+        ConfigError: ``out`` is a file, cannot be created, or holds a foreign manifest or report.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} is a file; pass a folder (new, or one holding this shard set) as "
+                          "output_dir=<folder>")
+    if any((out / name).exists() for name in (MANIFEST_NAME, REPORT_NAME)):
+        try:
+            read_manifest(out)
+        except ConfigError as err:
+            raise ConfigError(f"output_dir={out} holds a {MANIFEST_NAME} or {REPORT_NAME} that is not a shard "
+                              f"set's ({err}); the build would replace it: choose another output_dir") from err
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create output_dir={out} ({err.strerror}); choose a folder this user can "
+                          "write") from err
+
+
 def build_shards(cfg: DataPrepConfig) -> BuildResult:
     """Build (or resume building) the shard set described by ``cfg`` into ``cfg.output_dir``.
 
@@ -194,12 +227,13 @@ def build_shards(cfg: DataPrepConfig) -> BuildResult:
     leaves a manifest of what is done) and ``report.json`` (inputs that were skipped and why).
 
     Raises:
-        ConfigError: No output folder, no sources, a missing source root or duplicate sample keys.
+        ConfigError: No output folder, an output folder that cannot take the build
+            (:func:`prepare_output_dir`), no sources, a missing source root or duplicate sample keys.
     """
     if not cfg.output_dir:
         raise ConfigError("output_dir is empty; pass output_dir=<folder>")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     report = SkipReport()
     specs = plan_clips(cfg, report)
     tasks = plan_tasks(cfg, specs)

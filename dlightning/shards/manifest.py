@@ -31,6 +31,9 @@ from dlightning.contracts.shard_format import (
     split_member,
 )
 from dlightning.shards.writer import sha256_file
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 PROGRESS_DIR = ".progress"
 
@@ -71,7 +74,15 @@ def finished_record(out_dir: str | Path, shard_file: str, plan_hash: str) -> dic
     shard = Path(out_dir) / shard_file
     if not rec_path.is_file() or not shard.is_file():
         return None
-    record = json.loads(rec_path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(rec_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        # A damaged record only costs a rebuild of its shard, which rewrites it.
+        log.warning("%s is unreadable (%s); shard %s is rebuilt", rec_path, err, shard_file)
+        return None
+    if not isinstance(record, dict):
+        log.warning("%s is not a done record; shard %s is rebuilt", rec_path, shard_file)
+        return None
     if record.get("plan_hash") != plan_hash or record.get("bytes") != shard.stat().st_size:
         return None
     return record if sha256_file(shard) == record.get("sha256") else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dlightning.contracts.config_io import check_choice, check_range
@@ -54,6 +55,8 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         check_choice("schedule", "preset", self.preset, ("reference", "custom"))
+        if self.preset == "custom":
+            validate_segments(self.segments)
 
 
 @dataclass
@@ -208,3 +211,43 @@ def check_deepspeed_limits(trainer: TrainerConfig, optim: OptimConfig) -> None:
                           "partitioned); use auto or zero_lr")
     check_deepspeed_precision(trainer.precision)
     global_clip_norm(optim.clip_norm)
+
+
+def _segment_length(segments: list[SegmentConfig], index: int) -> float:
+    end = segments[index].end
+    if end is None:
+        return math.inf
+    start = -1 if index == 0 else segments[index - 1].end
+    return end - start
+
+
+def validate_segments(segments: list[SegmentConfig]) -> None:
+    """Raise ConfigError naming ``schedule.segments.<i>.<key>`` when the segments are inconsistent."""
+    if not segments:
+        raise ConfigError("schedule.segments is empty; give at least one segment (the last with end: null)")
+    previous_end = -1
+    for i, seg in enumerate(segments):
+        is_last = i == len(segments) - 1
+        if seg.end is None and not is_last:
+            raise ConfigError(
+                f"schedule.segments.{i}.end is null but only the last segment may be open-ended"
+            )
+        if seg.end is not None and seg.end <= previous_end:
+            bound = "must be >= 0" if i == 0 else f"must be > schedule.segments.{i - 1}.end={previous_end}"
+            raise ConfigError(f"schedule.segments.{i}.end={seg.end} {bound} (ends strictly increasing)")
+        if seg.ramp < 0:
+            raise ConfigError(f"schedule.segments.{i}.ramp={seg.ramp} must be >= 0")
+        if i == 0 and seg.ramp != 0:
+            raise ConfigError(
+                "schedule.segments.0.ramp must be 0: the first segment has no weights to ramp from"
+            )
+        if seg.ramp > _segment_length(segments, i):
+            raise ConfigError(
+                f"schedule.segments.{i}.ramp={seg.ramp} exceeds the segment length "
+                f"{_segment_length(segments, i)}; shorten the ramp or move schedule.segments.{i}.end"
+            )
+        for key, value in seg.weights.items():
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"schedule.segments.{i}.weights.{key}={value} must be finite and >= 0")
+        if seg.end is not None:
+            previous_end = seg.end

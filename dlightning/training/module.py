@@ -33,9 +33,10 @@ from dlightning.training.optim import (
     reset_moments,
     set_phase_learning_rates,
 )
-from dlightning.training.rng_state import RankRNG, gather_from_ranks, state_of_rank
+from dlightning.training.rng_state import RankRNG, state_of_rank
 from dlightning.training.schedule import PhaseSpec, phase_at
 from dlightning.training.step_metrics import StepFacts, StepMetrics, peak_gpu_memory_gb
+from dlightning.utils.distributed import gather_from_ranks
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -3,8 +3,9 @@
 Each rank has its own streams: the global torch, numpy and python RNGs (plus the CUDA RNG of its own
 GPU), and a private :class:`torch.Generator` for the CSD timesteps and noise, seeded from the run's
 seed and the rank. :class:`RankRNG` owns the private generator and captures / restores all of them;
-:func:`gather_from_ranks` collects every rank's capture so a checkpoint continues each rank's stream,
-not rank 0's. Everything captured is plain types and tensors (``torch.load(weights_only=True)``).
+:func:`dlightning.utils.distributed.gather_from_ranks` collects every rank's capture, so a checkpoint
+continues each rank's stream, not rank 0's. Everything captured is plain types and tensors
+(``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,6 @@ log = get_logger(__name__)
 
 _RANK_STRIDE = 1000
 """Seed of rank r's private generator: ``seed * 1000 + r``."""
-
-
-def gather_from_ranks(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]``; a one-element list outside a process group."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def global_rng_state(device: torch.device) -> dict[str, Any]:

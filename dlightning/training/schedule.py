@@ -12,12 +12,11 @@ the CSD term is only evaluated in the detail phase (the reference keeps lambda_c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from dlightning.contracts.phases import LOSS_TERMS
 from dlightning.errors import ConfigError
-from dlightning.training.config import ScheduleConfig, SegmentConfig
+from dlightning.training.config import ScheduleConfig, SegmentConfig, validate_segments
 
 
 @dataclass(frozen=True)
@@ -57,53 +56,14 @@ def reference_segments() -> list[SegmentConfig]:
     ]
 
 
-def _segment_length(segments: list[SegmentConfig], index: int) -> float:
-    end = segments[index].end
-    if end is None:
-        return math.inf
-    start = -1 if index == 0 else segments[index - 1].end
-    return end - start
-
-
-def _validate(segments: list[SegmentConfig]) -> None:
-    if not segments:
-        raise ConfigError("schedule.segments is empty; give at least one segment (the last with end: null)")
-    previous_end = -1
-    for i, seg in enumerate(segments):
-        is_last = i == len(segments) - 1
-        if seg.end is None and not is_last:
-            raise ConfigError(
-                f"schedule.segments[{i}].end is null but only the last segment may be open-ended"
-            )
-        if seg.end is not None and seg.end <= previous_end:
-            bound = "must be >= 0" if i == 0 else f"must be > schedule.segments[{i - 1}].end={previous_end}"
-            raise ConfigError(f"schedule.segments[{i}].end={seg.end} {bound} (ends strictly increasing)")
-        if seg.ramp < 0:
-            raise ConfigError(f"schedule.segments[{i}].ramp={seg.ramp} must be >= 0")
-        if i == 0 and seg.ramp != 0:
-            raise ConfigError(
-                "schedule.segments[0].ramp must be 0: the first segment has no weights to ramp from"
-            )
-        if seg.ramp > _segment_length(segments, i):
-            raise ConfigError(
-                f"schedule.segments[{i}].ramp={seg.ramp} exceeds the segment length "
-                f"{_segment_length(segments, i)}; shorten the ramp or move schedule.segments[{i}].end"
-            )
-        for key, value in seg.weights.items():
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"schedule.segments[{i}].weights.{key}={value} must be finite and >= 0")
-        if seg.end is not None:
-            previous_end = seg.end
-
-
 def resolve_segments(cfg: ScheduleConfig) -> list[SegmentConfig]:
     """Return the validated segments of ``cfg`` (the reference ones for ``preset: reference``).
 
     Raises:
-        ConfigError: naming ``schedule.segments[i].<key>`` when the segments are inconsistent.
+        ConfigError: naming ``schedule.segments.<i>.<key>`` when the segments are inconsistent.
     """
     segments = reference_segments() if cfg.preset == "reference" else list(cfg.segments)
-    _validate(segments)
+    validate_segments(segments)
     return segments
 
 
@@ -124,7 +84,7 @@ def _segment_index(step: int, segments: list[SegmentConfig]) -> int:
             return i
     raise ConfigError(
         f"step {step} is past the last schedule segment (end={segments[-1].end}); "
-        f"set schedule.segments[{len(segments) - 1}].end to null or train fewer steps"
+        f"set schedule.segments.{len(segments) - 1}.end to null or train fewer steps"
     )
 
 

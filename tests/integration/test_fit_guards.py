@@ -15,7 +15,7 @@ from dlightning.errors import ConfigError
 
 @pytest.fixture
 def no_model_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(cfg):
+    def refuse(*args):
         raise AssertionError("the model was built before the check")
 
     monkeypatch.setattr(run, "build_module", refuse)

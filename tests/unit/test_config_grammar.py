@@ -21,10 +21,10 @@ def test_training_configs_take_list_index_overrides(path: Path) -> None:
     base = load_config([path])
     index = len(base.data.sources)  # the index after the last item appends one with the schema's defaults
     cfg = load_config([path], [f"data.sources.{index}.path=/data/new", f"data.sources.{index}.weight_detail=0.5",
-                               "schedule.segments.0.ramp=3"])
+                               "schedule.segments.1.ramp=3"])
     assert cfg.data.sources[index].path == "/data/new" and cfg.data.sources[index].weight_detail == 0.5
     assert cfg.data.sources[index].weight_consistency == 1.0  # the schema's default
-    assert cfg.schedule.segments[0].ramp == 3 or cfg.schedule.preset == "reference"
+    assert cfg.schedule.segments[1].ramp == 3 or cfg.schedule.preset == "reference"
 
 
 @pytest.mark.parametrize("path", SHARDS, ids=lambda p: p.name)

@@ -25,11 +25,13 @@ def consistency(m: int) -> str:
 def test_state_dict_round_trip_counts_resumes_and_restarts_at_position():
     dm = VSRDataModule(synthetic_cfg(), phase_fn=consistency)
     dm.set_position(7)
+    dm.record_skips({"decode_error": 2})
     state = dm.state_dict()
-    assert state == {"micro_batch": 7, "resume_count": 0}
+    assert state == {"micro_batch": 7, "resume_count": 0, "skips_per_rank": [{"decode_error": 2}]}
     resumed = VSRDataModule(synthetic_cfg(), phase_fn=consistency)
     resumed.load_state_dict(state)
-    assert resumed.state_dict() == {"micro_batch": 7, "resume_count": 1}
+    assert resumed.state_dict() == {"micro_batch": 7, "resume_count": 1, "skips_per_rank": [{"decode_error": 2}]}
+    assert resumed.skip_counts() == {"decode_error": 2}  # skip counts continue across the resume
     first = next(iter(resumed.train_dataloader()))
     assert first["micro_batch"] == 7
 

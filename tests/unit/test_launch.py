@@ -154,8 +154,11 @@ def test_submit_snapshots_run(tmp_path: Path, stub_sbatch: Path) -> None:
 
 def test_submit_from_shipped_configs(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    shards = tmp_path / "shards"
+    shards.mkdir()  # submit checks that the data the job reads exists before it queues the job
     cfg = load_config([str(ROOT / "configs/demo.yaml"), str(ROOT / "configs/launch/2x8.yaml")],
-                      [f"trainer.run_dir={run_dir}"])
+                      [f"trainer.run_dir={run_dir}", f"data.sources.0.path={shards}", f"data.sources.1.path={shards}",
+                       f"validation.shards={shards}"])
     script = submit_run(cfg, dry_run=True)
     snapshot = load_config([run_dir / "config.yaml"])
     assert (snapshot.launch.nodes, snapshot.launch.gpus_per_node) == (2, 8)
@@ -169,3 +172,12 @@ def test_shipped_launch_config_is_consistent() -> None:
     assert (
         (cfg.trainer.num_nodes, cfg.trainer.devices) == (cfg.launch.nodes, cfg.launch.gpus_per_node) == (2, 8)
     )
+
+
+def test_submit_refuses_missing_local_paths_before_writing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = load_config([str(ROOT / "configs/sd21.yaml"), str(ROOT / "configs/launch/2x8.yaml")],
+                      [f"trainer.run_dir={run_dir}"])
+    with pytest.raises(ConfigError, match=r"model\.pretrained_path='/path/to/stable-diffusion-2-1-base' does not exist"):
+        submit_run(cfg, dry_run=True)
+    assert not run_dir.exists()

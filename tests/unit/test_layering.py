@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "utils": 0, "contracts": 0, "resources": 0,
     "media": 1, "models": 1, "losses": 1, "degradation": 1, "shards": 1, "data": 1, "metrics": 1,
     "training": 2, "inference": 2, "export": 2, "tracking": 2, "launch": 2,
-    "config": 3, "train": 3, "validate": 3, "demo": 3,
+    "config": 3, "resume_check": 3, "train": 3, "validate": 3, "demo": 3,
     "cli": 4, "__main__": 4,
 }
 INDEPENDENT = {("data", "shards"), ("shards", "data")}

@@ -146,19 +146,19 @@ def test_ramp_equal_to_segment_length_is_allowed() -> None:
     ("segments", "message"),
     [
         ([], r"schedule\.segments is empty"),
-        ([SegmentConfig(end=None), SegmentConfig(end=None)], r"schedule\.segments\[0\]\.end"),
+        ([SegmentConfig(end=None), SegmentConfig(end=None)], r"schedule\.segments\.0\.end"),
         (
             [SegmentConfig(end=10), SegmentConfig(end=10), SegmentConfig(end=None)],
-            r"schedule\.segments\[1\]\.end",
+            r"schedule\.segments\.1\.end",
         ),
-        ([SegmentConfig(end=-1), SegmentConfig(end=None)], r"schedule\.segments\[0\]\.end"),
-        ([SegmentConfig(end=10, ramp=2), SegmentConfig(end=None)], r"schedule\.segments\[0\]\.ramp"),
+        ([SegmentConfig(end=-1), SegmentConfig(end=None)], r"schedule\.segments\.0\.end"),
+        ([SegmentConfig(end=10, ramp=2), SegmentConfig(end=None)], r"schedule\.segments\.0\.ramp"),
         (
             [SegmentConfig(end=10), SegmentConfig(end=15, ramp=6), SegmentConfig(end=None)],
-            r"schedule\.segments\[1\]\.ramp",
+            r"schedule\.segments\.1\.ramp",
         ),
-        ([SegmentConfig(end=10), SegmentConfig(end=None, ramp=-1)], r"schedule\.segments\[1\]\.ramp"),
-        ([SegmentConfig(end=None, weights={"l2": -1.0})], r"schedule\.segments\[0\]\.weights\.l2"),
+        ([SegmentConfig(end=10), SegmentConfig(end=None, ramp=-1)], r"schedule\.segments\.1\.ramp"),
+        ([SegmentConfig(end=None, weights={"l2": -1.0})], r"schedule\.segments\.0\.weights\.l2"),
     ],
 )
 def test_validation_errors(segments: list[SegmentConfig], message: str) -> None:
@@ -169,7 +169,7 @@ def test_validation_errors(segments: list[SegmentConfig], message: str) -> None:
 def test_step_past_closed_schedule() -> None:
     cfg = ScheduleConfig(segments=[SegmentConfig(end=10)])
     assert phase_at(10, cfg).phase == C
-    with pytest.raises(ConfigError, match=r"schedule\.segments\[0\]\.end"):
+    with pytest.raises(ConfigError, match=r"schedule\.segments\.0\.end"):
         phase_at(11, cfg)
 
 
