@@ -52,6 +52,9 @@ class RootConfig:
         # Resolved in place: the run folder's config.yaml and the checkpoint record what ran.
         self.optim.mask_mode = resolve_mask_mode(self.optim.mask_mode, self.trainer.strategy)
         self.trainer.grad_sync = resolve_grad_sync(self.trainer, self.optim)
+        if self.validation.weights == "ema" and self.validation.every_n_steps > 0 and not self.optim.ema.enabled:
+            raise ConfigError("validation.weights=ema validates the moving average, but optim.ema.enabled=false; "
+                              "enable optim.ema or set validation.weights=raw")
         if self.data.scale != self.model.scale:
             raise ConfigError(
                 f"data.scale={self.data.scale} differs from model.scale={self.model.scale}; set both to "

@@ -254,9 +254,11 @@ def _noise_scheduler(generator: DLoRALGenerator):
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> Path:
     """Export a dlightning training checkpoint (see :func:`export_generator`); the target is checked first."""
-    check_export_target(out, (cfg or ExportConfig()).overwrite)
+    cfg = cfg or ExportConfig()
+    check_export_target(out, cfg.overwrite)
     ckpt = read_training_checkpoint(checkpoint)
-    return export_generator(restore_generator(ckpt), out, cfg, source=str(checkpoint))
+    source = f"{checkpoint} ({cfg.weights} weights)" if cfg.weights != "raw" else str(checkpoint)
+    return export_generator(restore_generator(ckpt, weights=cfg.weights), out, cfg, source=source)
 
 
 def export_reference(pkl: str | Path, model_cfg: ModelConfig, out: str | Path,

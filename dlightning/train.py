@@ -22,7 +22,7 @@ from dlightning.tracking.loggers import LogResolvedConfig, build_logger, finish_
 from dlightning.training.checkpointing import StepCheckpoint
 from dlightning.training.grad_sync import PhaseGradSync, build_grad_sync
 from dlightning.training.module import DLoRALModule
-from dlightning.training.preemption import PreemptionCallback
+from dlightning.training.preemption import PreemptionCallback, find_preemption_callback, install_preemption_handlers
 from dlightning.training.run_lock import RunLock
 from dlightning.training.schedule import SchedulePhase
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
@@ -59,7 +59,8 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
     plugins: list[Any] = build_cluster_plugins()
     all_callbacks: list[L.Callback] = [
         StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
-        PreemptionCallback(run_dir / "checkpoints"),
+        # fit requeues after it has closed the loggers: the requeue's SIGTERM reaches every process at once
+        PreemptionCallback(run_dir / "checkpoints", requeue_in_teardown=False),
         LogResolvedConfig(to_container(cfg)),
         *(callbacks or []),
     ]
@@ -107,6 +108,8 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
         ConfigError: before anything heavy, for a SLURM allocation that does not match, a run folder
             whose checkpoints cannot be used, or data sources that cannot be read.
     """
+    # Before anything slow: a SLURM signal during start-up must be recorded, not kill the process.
+    install_preemption_handlers()
     tcfg = cfg.trainer
     check_local_paths(cfg)
     check_launch_environment(tcfg.devices, tcfg.num_nodes)
@@ -147,12 +150,21 @@ def _fit_in_locked_folder(cfg: RootConfig, datamodule: VSRDataModule, *, fresh: 
     except BaseException:
         finish_tracking(trainer, exit_code=1)
         raise
-    finish_tracking(trainer)
-    failed = [cb for cb in trainer.callbacks if getattr(cb, "requeue_failed", False)]
-    if failed:
-        raise RuntimeError("training stopped for a pre-emption but the SLURM requeue failed (see the log); "
-                           f"resubmit the job to resume from {failed[0].checkpoint_path}")
+    _end_segment(trainer)
     return module
+
+
+def _end_segment(trainer: L.Trainer) -> None:
+    """Close the loggers, then (after a pre-emption) requeue: the requeue must be the segment's last act."""
+    preemption = find_preemption_callback(trainer.callbacks)
+    preempted = preemption is not None and preemption.preempted
+    finish_tracking(trainer, shutdown=preempted)
+    if preemption is None:
+        return
+    preemption.end_segment()
+    if preemption.requeue_failed:
+        raise RuntimeError("training stopped for a pre-emption but the SLURM requeue failed (see the log); "
+                           f"resubmit the job to resume from {preemption.checkpoint_path}")
 
 
 def _checkpoint_to_resume(run_dir: Path, fresh: bool) -> str | None:
@@ -175,18 +187,29 @@ def submit(cfg: RootConfig, *, dry_run: bool = False) -> Path:
     """Write the resolved config into ``<trainer.run_dir>/config.yaml`` and submit the run to SLURM.
 
     ``trainer.num_nodes``/``trainer.devices`` in the snapshot are set from the launch section, so the
-    config and the allocation cannot disagree; the run folder is made absolute because the job may start
-    in another directory.
+    config and the allocation cannot disagree (a CPU-only job, ``launch.gpus_per_node=0``, keeps
+    ``trainer.devices`` as its tasks per node and trains on ``cpu``); the run folder is made absolute
+    because the job may start in another directory.
 
     Returns:
         The rendered ``train.sbatch``.
+
+    Raises:
+        ConfigError: a missing local path, a CPU-only job with a GPU accelerator, or sbatch refusing the job.
     """
     check_local_paths(cfg)  # a job must not wait in the queue only to fail on a missing file
-    cfg.trainer.num_nodes = cfg.launch.nodes
-    cfg.trainer.devices = cfg.launch.gpus_per_node
+    launch = cfg.launch
+    if launch.cpu_only:
+        if cfg.trainer.accelerator not in ("auto", "cpu"):
+            raise ConfigError(f"launch.gpus_per_node=0 is a CPU-only job but trainer.accelerator="
+                              f"{cfg.trainer.accelerator!r}; set trainer.accelerator=cpu or give the job GPUs")
+        cfg.trainer.accelerator = "cpu"
+    cfg.trainer.num_nodes = launch.nodes
+    cfg.trainer.devices = launch.tasks_per_node(cfg.trainer.devices)
     run_dir = Path(cfg.trainer.run_dir).resolve()
     cfg.trainer.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(to_yaml(cfg), encoding="utf-8")
-    return submit_sbatch(cfg.launch, run_dir=run_dir, config_path=config_path, dry_run=dry_run)
+    return submit_sbatch(launch, run_dir=run_dir, config_path=config_path, dry_run=dry_run,
+                         cpu_tasks_per_node=cfg.trainer.devices)

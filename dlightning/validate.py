@@ -57,7 +57,7 @@ def validate_checkpoint(config_files: Sequence[str], overrides: Sequence[str], c
     if not config_files:
         log.info("validate: no --config given; using the model section stored in %s", checkpoint)
     ckpt = read_training_checkpoint(checkpoint)
-    gen = restore_generator(ckpt, root.model if config_files else None)
+    gen = restore_generator(ckpt, root.model if config_files else None, weights=cfg.weights)
     if out:
         run_dir = Path(out)
     elif config_files:

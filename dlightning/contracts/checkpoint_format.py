@@ -7,7 +7,8 @@ A checkpoint is a Lightning checkpoint file, or under DeepSpeed a directory, tha
 * ``optimizer_states`` (files) or one optimizer shard per rank (DeepSpeed directories);
 * a ``"dlightning"`` block of plain Python types with at least ``optimizer_step`` (the module's own
   counter), and, from the LightningModule, ``micro_step``, the per-rank RNG states and ``config``
-  (the resolved RootConfig as a dict).
+  (the resolved RootConfig as a dict), and ``ema`` (the moving average of the trainable tensors, under
+  the same names as ``state_dict``) when ``optim.ema.enabled``.
 
 Only plain types and tensors go in, so ``torch.load(weights_only=True)`` reads every checkpoint; the
 validity checks use exactly that call. A DeepSpeed directory has a ``latest`` file naming a tag
@@ -41,7 +42,9 @@ CANDIDATE_GLOBS = ("hpc_ckpt_*.ckpt", "last.ckpt", "step-*.ckpt", "on_exception.
 """Names a run's checkpoints may have (ours, Lightning's SLURM ones, pre-emption ones)."""
 _STEP_NAME = re.compile(r"^(?:step|preempt)-(\d+)\.ckpt$")
 GENERATOR_PREFIX = "generator."
-"""Prefix of the generator's tensors in ``state_dict``."""
+"""Prefix of the generator's tensors in ``state_dict`` (and in the block's ``ema``)."""
+WEIGHT_KINDS = ("raw", "ema")
+"""Which trained tensors a reader takes: the weights, or their moving average (block key ``ema``)."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -207,10 +210,25 @@ class TrainingCheckpoint:
         """Optimizer steps completed when the checkpoint was taken."""
         return int(self.block["optimizer_step"])
 
-    def generator_tensors(self) -> dict[str, torch.Tensor]:
-        """The generator's trainable tensors, keyed by the generator's own parameter names."""
+    def generator_tensors(self, weights: str = "raw") -> dict[str, torch.Tensor]:
+        """The generator's trainable tensors, keyed by the generator's own parameter names.
+
+        Args:
+            weights: ``raw`` (the trained weights) or ``ema`` (their moving average, ``optim.ema``).
+
+        Raises:
+            MissingWeightsError: ``ema`` asked of a checkpoint trained without ``optim.ema.enabled``.
+        """
+        if weights not in WEIGHT_KINDS:
+            raise ValueError(f"weights={weights!r}; choose one of {list(WEIGHT_KINDS)}")
+        source = self.state_dict
+        if weights == "ema":
+            source = self.block.get("ema") or {}
+            if not source:
+                raise MissingWeightsError(f"{self.path} holds no EMA weights (it was trained with "
+                                          "optim.ema.enabled=false); use the raw weights")
         n = len(GENERATOR_PREFIX)
-        return {k[n:]: v for k, v in self.state_dict.items() if k.startswith(GENERATOR_PREFIX)}
+        return {k[n:]: v for k, v in source.items() if k.startswith(GENERATOR_PREFIX)}
 
 
 def read_training_checkpoint(path: str | os.PathLike[str]) -> TrainingCheckpoint:

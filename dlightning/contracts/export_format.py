@@ -52,8 +52,8 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     """The metadata of an export folder.
 
     Raises:
-        MissingWeightsError: The folder is not a dlightning export, or its metadata is unreadable or
-            from a newer format.
+        MissingWeightsError: The folder is not a dlightning export, or its metadata is unreadable,
+            lacks a required key, or is from a newer format.
     """
     root = Path(folder)
     meta_file = root / METADATA_FILE
@@ -62,11 +62,13 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
                                   "with `dlightning export --checkpoint CKPT --out DIR`")
     try:
         meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MissingWeightsError(f"{meta_file} is not valid JSON ({err}); re-run `dlightning export`") from err
-    if not isinstance(meta, dict) or int(meta.get("format", 0)) > FORMAT_VERSION:
-        found = meta.get("format") if isinstance(meta, dict) else "?"
-        raise MissingWeightsError(f"{meta_file} has export format {found}; this dlightning reads format "
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MissingWeightsError(f"{meta_file} is not readable JSON ({err}); re-run `dlightning export`") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("format", 0), int):
+        raise MissingWeightsError(f"{meta_file} is not an export's metadata (a JSON object with an integer "
+                                  "format); re-run `dlightning export`")
+    if meta.get("format", 0) > FORMAT_VERSION:
+        raise MissingWeightsError(f"{meta_file} has export format {meta['format']}; this dlightning reads format "
                                   f"<= {FORMAT_VERSION}: upgrade dlightning")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing or not isinstance(meta.get("scale"), int) or meta["scale"] < 1:

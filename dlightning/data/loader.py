@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -445,7 +446,24 @@ def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 
                       persistent_workers=cfg.num_workers > 0, worker_init_fn=_init_worker)
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""SLURM's pre-emption signals. SLURM sends them to every process of a task, workers included; the
+trainer decides what they mean (a checkpoint at the next step boundary), so a worker must not die of
+them, or the trainer fails with "DataLoader worker ... killed by signal" before it can save."""
+
+
+def ignore_preemption_signals_in_worker() -> None:
+    """Set the pre-emption signals to ``SIG_IGN`` in this (worker) process.
+
+    It replaces torch's worker SIGTERM handler, which exits quietly only for its parent's SIGTERM. A
+    worker that outlives its trainer still ends on its own: it polls for the parent's death.
+    """
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _init_worker(worker_id: int) -> None:
+    ignore_preemption_signals_in_worker()
     # Decoding runs in many workers at once; one OpenCV/torch thread each avoids oversubscription.
     import cv2
 

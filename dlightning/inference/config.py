@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlightning.contracts.checkpoint_format import WEIGHT_KINDS
 from dlightning.contracts.config_io import check_choice, check_range
 from dlightning.errors import ConfigError
 from dlightning.losses.config import LPIPSConfig
@@ -35,9 +36,12 @@ class ExportConfig:
     """Colour-fix default written into the export (adain | wavelet | none)."""
     prompt: str = ""
     """Default prompt written into the export."""
+    weights: str = "raw"
+    """raw: the trained tensors; ema: their moving average (checkpoints trained with optim.ema.enabled)."""
 
     def __post_init__(self) -> None:
         check_choice("export", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
+        check_choice("export", "weights", self.weights, WEIGHT_KINDS)
         check_choice("export", "color_fix", self.color_fix, COLOR_FIXES)
         check_range("export", "scale_consistency", self.scale_consistency, low=0)
         check_range("export", "scale_detail", self.scale_detail, low=0)
@@ -132,9 +136,12 @@ class ValidationConfig:
     """Pixels removed from each border before PSNR / SSIM."""
     upscale: UpscaleConfig = field(default_factory=lambda: UpscaleConfig(color_fix="none"))
     """Inference settings of the validation forward (colour fix off by default)."""
+    weights: str = "raw"
+    """raw: validate the trained tensors; ema: their moving average (needs optim.ema.enabled)."""
 
     def __post_init__(self) -> None:
         check_choice("validation", "flow_net", self.flow_net, ("spynet", "farneback"))
+        check_choice("validation", "weights", self.weights, WEIGHT_KINDS)
         if self.every_n_steps < 0 or self.max_clips < 1 or self.max_frames < 2:
             raise ConfigError("validation.every_n_steps >= 0, max_clips >= 1 and max_frames >= 2 required")
         if (self.lq_dir is None) != (self.gt_dir is None):

@@ -373,29 +373,42 @@ def check_target(target: Path, source: VideoSource, *, overwrite: bool = False) 
     """Refuse a target that upscale may not (over)write: see :func:`plan_outputs`.
 
     Raises:
+        InputError: A frame folder (no frame rate) would become a video.
         ConfigError: The message names the problem and the fix (often ``--overwrite``).
     """
     if is_video_path(target) and source.fps is None:
-        raise ConfigError(f"{source.path} is a frame folder (no frame rate): give an output folder without a "
-                          f"video suffix instead of {target}")
+        raise InputError(f"{source.path} is a frame folder (no frame rate): give an output folder without a "
+                         f"video suffix instead of {target}")
     _check_parent_writable(target)
     if not target.exists():
         return
     if source.kind == "video" and target.is_file() and os.path.samefile(target, source.path):
         raise ConfigError(f"-o {target} is the input itself (the same file); choose another output")
     if is_video_path(target):
-        if target.is_dir():
-            raise ConfigError(f"{target} is a folder; name a video file, or drop the video suffix to write "
-                              "a frame folder")
-        if not overwrite:
-            raise ConfigError(f"{target} exists; pass --overwrite to replace it, or choose another name")
-        return
+        _check_existing_video(target, overwrite)
+    else:
+        _check_existing_frame_folder(target, overwrite)
+
+
+def _check_existing_video(target: Path, overwrite: bool) -> None:
+    if target.is_dir():
+        raise ConfigError(f"{target} is a folder; name a video file, or drop the video suffix to write a frame "
+                          "folder")
+    if not overwrite:
+        raise ConfigError(f"{target} exists; pass --overwrite to replace it, or choose another name")
+
+
+def _check_existing_frame_folder(target: Path, overwrite: bool) -> None:
     if not target.is_dir():
         raise ConfigError(f"{target} is a file, not a frame folder; choose another name (a video needs a video "
                           "suffix such as .mp4)")
-    if not overwrite and any(target.iterdir()):
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
         raise ConfigError(f"{target} is a non-empty folder; pass --overwrite to replace the frames upscale writes "
                           f"there ({FRAME_NAME.format(0)}, ...; other files are kept), or choose a new folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot replace the frames in {target}: no write permission; choose another output")
 
 
 def plan_outputs(inp: str | Path, sources: list[VideoSource], out: str | Path, *, overwrite: bool = False,

@@ -17,7 +17,9 @@ class LaunchConfig:
     nodes: int = 1
     """Nodes to allocate (becomes ``trainer.num_nodes``)."""
     gpus_per_node: int = 1
-    """GPUs per node = tasks per node = ``trainer.devices`` (one srun task per GPU)."""
+    """GPUs per node = tasks per node = ``trainer.devices`` (one srun task per GPU). 0 makes a CPU-only
+    job: no GPU directive (a cluster without GPUs rejects even ``--gpus-per-node=1`` at submit time),
+    ``trainer.devices`` tasks per node and ``trainer.accelerator=cpu``."""
     partition: str | None = None
     account: str | None = None
     time: str | None = None
@@ -45,8 +47,11 @@ class LaunchConfig:
         problems = []
         if self.nodes < 1:
             problems.append(f"launch.nodes must be >= 1, got {self.nodes}")
-        if self.gpus_per_node < 1:
-            problems.append(f"launch.gpus_per_node must be >= 1, got {self.gpus_per_node}")
+        if self.gpus_per_node < 0:
+            problems.append(f"launch.gpus_per_node must be >= 0 (0: a CPU-only job), got {self.gpus_per_node}")
+        if self.gpus_per_node == 0 and self.use_torchrun:
+            problems.append("launch.use_torchrun needs GPUs (launch.gpus_per_node >= 1); a CPU-only job runs "
+                            "one srun task per rank")
         if self.cpus_per_task < 1:
             problems.append(f"launch.cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if not 10 <= self.signal_seconds <= 65535:
@@ -64,3 +69,12 @@ class LaunchConfig:
             )
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def cpu_only(self) -> bool:
+        """True for a job without GPUs (``gpus_per_node=0``)."""
+        return self.gpus_per_node == 0
+
+    def tasks_per_node(self, cpu_tasks: int) -> int:
+        """srun tasks (ranks) per node: one per GPU, or ``cpu_tasks`` (``trainer.devices``) on a CPU-only job."""
+        return cpu_tasks if self.cpu_only else self.gpus_per_node

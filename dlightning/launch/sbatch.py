@@ -9,9 +9,16 @@ in the run folder.
 Why the directives are what they are (Lightning docs and docs/INTEGRATION.md D7):
 
 * one srun task per GPU (``--ntasks-per-node == gpus_per_node == trainer.devices``), else ranks hang;
+  a CPU-only job (``gpus_per_node=0``) has no GPU directive and ``trainer.devices`` tasks per node;
 * ``--signal=SIGUSR1@N`` without ``B:``, so the signal reaches the srun tasks (the trainers), not
   only the batch shell;
 * ``--requeue`` + ``--open-mode=append``: the requeued job keeps its id and appends to its log.
+
+The batch shell runs srun in the background and waits for it, trapping USR1 and TERM: bash dies of
+an untrapped USR1 (``scancel --signal=USR1 --full``, ``--signal=B:USR1@N``) and of TERM, and when
+the batch shell ends the job ends, killing the tasks before they save. A USR1 that reaches the shell
+is passed on to srun, which forwards it to every task of the step; a TERM is not (SLURM sends it to
+the tasks itself), the shell just goes on waiting.
 """
 
 from __future__ import annotations
@@ -36,15 +43,12 @@ TORCHRUN_SCRIPT = PACKAGE_DIR / "torchrun_multinode.sh"
 DEFAULT_COMMAND = "python -m dlightning.cli fit"
 
 
-def _directives(cfg: LaunchConfig, run_dir: str) -> list[str]:
-    tasks_per_node = 1 if cfg.use_torchrun else cfg.gpus_per_node
-    lines = [
-        f"--job-name={cfg.job_name}",
-        f"--nodes={cfg.nodes}",
-        f"--ntasks-per-node={tasks_per_node}",
-        f"--gpus-per-node={cfg.gpus_per_node}",
-        f"--cpus-per-task={cfg.cpus_per_task * (cfg.gpus_per_node if cfg.use_torchrun else 1)}",
-    ]
+def _directives(cfg: LaunchConfig, run_dir: str, cpu_tasks_per_node: int) -> list[str]:
+    tasks_per_node = 1 if cfg.use_torchrun else cfg.tasks_per_node(cpu_tasks_per_node)
+    lines = [f"--job-name={cfg.job_name}", f"--nodes={cfg.nodes}", f"--ntasks-per-node={tasks_per_node}"]
+    if not cfg.cpu_only:
+        lines.append(f"--gpus-per-node={cfg.gpus_per_node}")
+    lines.append(f"--cpus-per-task={cfg.cpus_per_task * (cfg.gpus_per_node if cfg.use_torchrun else 1)}")
     optional = {
         "mem": cfg.mem,
         "partition": cfg.partition,
@@ -65,8 +69,10 @@ def _directives(cfg: LaunchConfig, run_dir: str) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
-def _launch_line(cfg: LaunchConfig, *, config_path: str, command: str) -> str:
-    overrides = f"trainer.num_nodes={cfg.nodes} trainer.devices={cfg.gpus_per_node}"
+def _launch_line(cfg: LaunchConfig, *, config_path: str, command: str, cpu_tasks_per_node: int) -> str:
+    overrides = f"trainer.num_nodes={cfg.nodes} trainer.devices={cfg.tasks_per_node(cpu_tasks_per_node)}"
+    if cfg.cpu_only:
+        overrides += " trainer.accelerator=cpu"
     args = f"--config {shlex.quote(config_path)} {overrides}"
     if cfg.use_torchrun:
         # one task per node; the script reads the node rank from SLURM_NODEID
@@ -86,6 +92,7 @@ def render_sbatch(
     config_path: str | Path,
     command: str = DEFAULT_COMMAND,
     template: str | Path | None = None,
+    cpu_tasks_per_node: int = 1,
 ) -> str:
     """Render the sbatch script for ``cfg`` (pure: touches no files except reading the template).
 
@@ -94,8 +101,11 @@ def render_sbatch(
         run_dir: the run folder (SLURM log files go there).
         config_path: the resolved config the job trains from (normally ``<run_dir>/config.yaml``).
         command: the program srun starts on each task; it receives ``--config FILE`` and the
-            ``trainer.num_nodes``/``trainer.devices`` overrides that match the allocation.
+            ``trainer.num_nodes``/``trainer.devices`` overrides that match the allocation (and
+            ``trainer.accelerator=cpu`` on a CPU-only job).
         template: a ``string.Template`` file (the package's ``train.sbatch.tmpl`` by default).
+        cpu_tasks_per_node: tasks per node of a CPU-only job (``launch.gpus_per_node=0``), normally
+            ``trainer.devices``; unused when the job has GPUs.
     """
     template_path = Path(template) if template is not None else TEMPLATE
     if not template_path.is_file():
@@ -103,9 +113,12 @@ def render_sbatch(
     env_setup = "\n".join(cfg.env_setup) if cfg.env_setup else "# (none)"
     return Template(template_path.read_text(encoding="utf-8")).substitute(
         run_dir=str(run_dir),
-        directives="\n".join(_directives(cfg, str(run_dir))),
+        directives="\n".join(_directives(cfg, str(run_dir), cpu_tasks_per_node)),
         env_setup=env_setup,
-        launch_line=_launch_line(cfg, config_path=str(config_path), command=command),
+        # torchrun's agent dies of USR1; its workers take TERM as the pre-emption signal (no requeue)
+        forward_signal="TERM" if cfg.use_torchrun else "USR1",
+        launch_line=_launch_line(cfg, config_path=str(config_path), command=command,
+                                 cpu_tasks_per_node=cpu_tasks_per_node),
     )
 
 
@@ -145,6 +158,7 @@ def submit(
     config_path: str | Path,
     dry_run: bool = False,
     command: str = DEFAULT_COMMAND,
+    cpu_tasks_per_node: int = 1,
 ) -> Path:
     """Snapshot the run into ``run_dir``, write ``train.sbatch`` and submit it with ``sbatch``.
 
@@ -154,9 +168,14 @@ def submit(
         config_path: the resolved config YAML; copied to ``<run_dir>/config.yaml`` unless it is that file.
         dry_run: only write the files and log the script's path.
         command: see :func:`render_sbatch`.
+        cpu_tasks_per_node: see :func:`render_sbatch`.
 
     Returns:
         The path of the rendered script.
+
+    Raises:
+        ConfigError: the config file is missing, ``sbatch`` is not on PATH, or it refused the script
+            (one line naming sbatch's own message).
     """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,17 +188,40 @@ def submit(
     snapshot_code_version(run_dir)
     script = run_dir / "train.sbatch"
     script.write_text(
-        render_sbatch(cfg, run_dir=run_dir, config_path=snapshot, command=command), encoding="utf-8"
+        render_sbatch(cfg, run_dir=run_dir, config_path=snapshot, command=command,
+                      cpu_tasks_per_node=cpu_tasks_per_node),
+        encoding="utf-8",
     )
     if dry_run:
         log.info("Dry run: wrote %s (submit with: sbatch %s)", script, script)
         return script
+    log.info("%s", run_sbatch(script))
+    return script
+
+
+def run_sbatch(script: Path, *, timeout_s: float = 120.0) -> str:
+    """``sbatch SCRIPT``; returns its answer ("Submitted batch job N").
+
+    Raises:
+        ConfigError: sbatch is missing, does not answer, or refuses the script; one line with its reason.
+    """
     if shutil.which("sbatch") is None:
         raise ConfigError(
             f"sbatch is not on PATH; run on a SLURM login node or use --dry-run (script: {script})"
         )
-    result = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=False,
+                                timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"sbatch {script} did not answer within {timeout_s:.0f} s; is slurmctld up? "
+                          "(retry, or submit the script by hand)") from None
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch {script} failed (exit {result.returncode}): {result.stderr.strip()}")
-    log.info("%s", result.stdout.strip())
-    return script
+        reason = _one_line(result.stderr) or _one_line(result.stdout) or "no message"
+        raise ConfigError(f"sbatch refused {script} (exit {result.returncode}): {reason}; "
+                          "fix the launch section of the config and submit again")
+    return result.stdout.strip()
+
+
+def _one_line(text: str) -> str:
+    """sbatch's message on one line (its lines joined by '; ')."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())

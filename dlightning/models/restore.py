@@ -30,13 +30,16 @@ def load_trainable(generator: DLoRALGenerator, tensors: dict[str, Any]) -> None:
     copy_tensors(own, tensors, trainable, source="the training checkpoint (generator built from its config)")
 
 
-def restore_generator(checkpoint: TrainingCheckpoint, model_cfg: ModelConfig | None = None) -> DLoRALGenerator:
+def restore_generator(checkpoint: TrainingCheckpoint, model_cfg: ModelConfig | None = None, *,
+                      weights: str = "raw") -> DLoRALGenerator:
     """The generator of ``checkpoint`` in eval mode: base weights from its model config, trained tensors loaded.
 
     Args:
         checkpoint: A checkpoint read with ``read_training_checkpoint``.
         model_cfg: Use this model section instead of the stored one (e.g. another ``pretrained_path``).
+        weights: ``raw`` trained tensors or their ``ema`` (moving average).
     """
+    tensors = checkpoint.generator_tensors(weights)  # before the (slow) build: a missing EMA fails at once
     gen = DLoRALGenerator(model_cfg or stored_model_config(checkpoint.config)).eval()
-    load_trainable(gen, checkpoint.generator_tensors())
+    load_trainable(gen, tensors)
     return gen

@@ -59,6 +59,24 @@ class ScheduleConfig:
             validate_segments(self.segments)
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the trainable tensors (see dlightning.training.ema)."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    """Weight of the old average at each optimizer step: ema = decay * ema + (1 - decay) * weights."""
+    start_step: int = 0
+    """Optimizer step from which the average starts; before it the average follows the weights."""
+
+    def __post_init__(self) -> None:
+        check_range("optim.ema", "decay", self.decay, low=0, high=1)
+        check_range("optim.ema", "start_step", self.start_step, low=0)
+
+
 @dataclass
 class OptimConfig:
     """One AdamW with named parameter groups (c_lora, cfr, d_lora, conv_in); a phase steps its groups."""
@@ -77,9 +95,27 @@ class OptimConfig:
     """How inactive groups are held still: drop_grad (grad = None: no update, no decay, moments
     untouched), zero_lr (lr 0 for inactive groups; needed under DeepSpeed), auto (zero_lr under a
     deepspeed strategy, else drop_grad); resolved when the config loads."""
+    lr_schedule: str = "constant"
+    """constant | cosine | linear: how each group's learning rate decays from its base value after the
+    warm-up, over the optimizer steps up to ``trainer.max_steps``."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from lr / warmup_steps to the base lr (0 = none)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine and linear schedules, as a fraction of the base lr."""
+    group_lr: dict[str, float] = field(default_factory=dict)
+    """Base learning rate per group (c_lora, cfr, d_lora, conv_in); groups not named use ``lr``."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
         check_choice("optim", "mask_mode", self.mask_mode, ("auto", "drop_grad", "zero_lr"))
+        check_choice("optim", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("optim", "warmup_steps", self.warmup_steps, low=0)
+        check_range("optim", "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        unknown_lr = set(self.group_lr) - set(PARAM_GROUPS)
+        if unknown_lr:
+            raise ConfigError(f"optim.group_lr has unknown groups {sorted(unknown_lr)}; valid: {list(PARAM_GROUPS)}")
+        for group, value in self.group_lr.items():
+            check_range("optim.group_lr", group, value, low=0, low_open=True)
         if self.accumulate < 1:
             raise ConfigError("optim.accumulate must be >= 1")
         unknown = set(self.clip_norm) - set(PARAM_GROUPS)
@@ -122,6 +158,8 @@ class TrainerConfig:
     Resolved when the config loads. See dlightning.training.grad_sync."""
     grad_sync_dtype: str = "fp32"
     """Dtype of the DDP gradient all-reduce: fp32 (exact) or bf16 (half the bytes)."""
+    tf32: bool = False
+    """Let CUDA matmuls and convolutions use TF32 (Ampere and newer: faster, about 1e-3 relative error)."""
 
     def __post_init__(self) -> None:
         check_choice("trainer", "precision", self.precision, ("32-true", "bf16-mixed", "16-mixed", "32"))

@@ -24,14 +24,15 @@ from dlightning.losses.config import LossConfig
 from dlightning.models.config import ModelConfig
 from dlightning.models.generator import build_generator
 from dlightning.training.config import OptimConfig, ScheduleConfig, TrainerConfig, resolve_mask_mode
+from dlightning.training.ema import PhaseEMA
 from dlightning.training.grad_sync import PhaseGradSync
+from dlightning.training.lr_schedule import apply_learning_rates
 from dlightning.training.nonfinite import NonFiniteTracker, all_ranks_finite
 from dlightning.training.optim import (
     build_optimizer,
     clip_group_norms,
     drop_inactive_gradients,
     reset_moments,
-    set_phase_learning_rates,
 )
 from dlightning.training.rng_state import RankRNG, state_of_rank
 from dlightning.training.schedule import PhaseSpec, phase_at
@@ -69,6 +70,8 @@ class DLoRALModule(L.LightningModule):
         self.rng = RankRNG(trainer.seed)
         """This rank's private generator (CSD draws) and the RNG part of checkpoints."""
         self.step_metrics = StepMetrics(trainer.log_every, optim.accumulate)
+        self.ema = PhaseEMA(optim.ema) if optim.ema.enabled else None
+        """The phase-aware average of the trainable tensors (``optim.ema``), or None."""
         self.optimizer_step = 0
         """Optimizer steps taken or skipped so far; drives the schedule and is saved in checkpoints."""
         self.micro_step = 0
@@ -98,6 +101,11 @@ class DLoRALModule(L.LightningModule):
                                "optim.mask_mode=auto or zero_lr")
         if self.grad_sync is not None:
             self.grad_sync.bind(self.generator.parameter_groups())
+        if self.ema is not None:
+            self.ema.bind(*self._trainable_by_group())
+        # TF32 is a process-wide switch of CUDA's matmul and convolution kernels; every rank sets it.
+        torch.set_float32_matmul_precision("high" if self.trainer_cfg.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = self.trainer_cfg.tf32
         precision = str(self.trainer.precision)
         if "bf16" in precision:
             self.generator.cast_frozen(torch.bfloat16)
@@ -111,6 +119,12 @@ class DLoRALModule(L.LightningModule):
         if len(set(counters)) > 1:
             raise RuntimeError(f"ranks start at different (optimizer step, micro-batch) {counters}: they "
                                "resumed from different checkpoints; check the run folder on every node")
+
+    def _trainable_by_group(self) -> tuple[dict[str, torch.nn.Parameter], dict[str, str]]:
+        """The trainable parameters by module name, and the optimizer group of each."""
+        group_of = {id(p): name for name, ps in self.generator.parameter_groups().items() for p in ps}
+        named = {k: p for k, p in self.named_parameters() if id(p) in group_of}
+        return named, {k: group_of[id(p)] for k, p in named.items()}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the tensors training changes (both LoRA families, CFR attention, conv_in)."""
@@ -158,8 +172,8 @@ class DLoRALModule(L.LightningModule):
     def _enter_step(self, spec: PhaseSpec, optimizer: torch.optim.Optimizer) -> None:
         if self.grad_sync is not None:
             self.grad_sync.set_phase(spec.phase)  # before this step's backward passes
-        if self.mask_mode == "zero_lr":
-            set_phase_learning_rates(optimizer, spec.phase, self.optim_cfg.lr)
+        apply_learning_rates(optimizer, self.optimizer_step, spec.phase, self.optim_cfg,
+                             max_steps=self.trainer_cfg.max_steps, zero_inactive=self.mask_mode == "zero_lr")
         if self._last_phase is not None and spec.phase != self._last_phase:
             log.info("step %d: entering the %s phase", self.optimizer_step, spec.phase)
             if self.optim_cfg.reset_moments_on_phase_entry:
@@ -180,6 +194,8 @@ class DLoRALModule(L.LightningModule):
             self._active_phase = spec.phase
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.optimizer_step, spec.phase)
             if self._deepspeed is not None:
                 norm = self._deepspeed.get_global_grad_norm()
                 self._grad_norms = {"global": float(norm)} if norm is not None else {}
@@ -292,6 +308,8 @@ class DLoRALModule(L.LightningModule):
             "rng_per_rank": gather_from_ranks(mine),
             "config": self.config_container,
         }
+        if self.ema is not None:
+            checkpoint[BLOCK_KEY]["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check every trainable tensor is present and restore counters and RNG states.
@@ -310,6 +328,10 @@ class DLoRALModule(L.LightningModule):
         mine = state_of_rank(state, self.global_rank, self.trainer.world_size)
         # the strategy's device: under DDP this hook runs before the module is moved to its GPU
         self.rng.load(mine, self.trainer.strategy.root_device)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            log.info("the checkpoint has no EMA (optim.ema was off): the average starts at the resumed weights")
 
 
 def _inner_optimizer(opt: Any) -> torch.optim.Optimizer:

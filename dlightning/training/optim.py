@@ -20,19 +20,10 @@ from dlightning.training.config import OptimConfig
 
 def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
     """One AdamW over the named parameter groups (empty groups are left out)."""
-    param_groups = [{"params": list(groups[name]), "name": name} for name in PARAM_GROUPS if groups.get(name)]
+    param_groups = [{"params": list(groups[name]), "name": name, "lr": cfg.group_lr.get(name, cfg.lr)}
+                    for name in PARAM_GROUPS if groups.get(name)]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
-
-
-def set_phase_learning_rates(optimizer: torch.optim.Optimizer, phase: str, lr: float) -> None:
-    """``zero_lr`` masking: inactive groups get lr 0 (no update, and AdamW's decoupled weight decay is
-    scaled by lr, so none either). Used where gradients cannot be dropped per group, as under DeepSpeed
-    ZeRO, whose partitioned gradients are not visible as ``p.grad``; Adam moments of inactive groups
-    still see their gradients there (documented limit)."""
-    active = ACTIVE_GROUPS[phase]
-    for group in optimizer.param_groups:
-        group["lr"] = lr if group["name"] in active else 0.0
 
 
 def drop_inactive_gradients(optimizer: torch.optim.Optimizer, phase: str) -> None:

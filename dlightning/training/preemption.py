@@ -1,9 +1,21 @@
-"""SLURM pre-emption: note the signal, checkpoint at the next optimizer-step boundary, requeue, stop.
+"""SLURM pre-emption: note the signal, checkpoint at the next optimizer-step boundary, end the segment, requeue.
 
 Lightning's own SLURM handler saves the checkpoint *inside* the signal handler (possibly mid-backward;
-Lightning #21406) and its SIGTERM handler runs a collective inside the handler. This callback instead
-only sets a flag in the handler; all the work happens in ``on_train_batch_end``. Use it together with
-``SLURMEnvironment(auto_requeue=False)`` (see :func:`dlightning.training.strategy.build_cluster_plugins`).
+Lightning #21406) and its SIGTERM handler runs a collective inside the handler. Here the handler only
+records the signal (:class:`SignalLatch`); all the work happens in ``on_train_batch_end``. Use it
+together with ``SLURMEnvironment(auto_requeue=False)`` (see
+:func:`dlightning.training.strategy.build_cluster_plugins`).
+
+Lifetime of the handler: :func:`install_preemption_handlers` runs first thing in ``dlightning fit``,
+before the model is built, and the handler is never put back to the default action: SLURM may send
+its time-limit warning up to a minute early, after training ended, and SIGUSR1's default action
+would turn a finished run into a FAILED job. A signal nobody acts on any more is a no-op.
+
+End of a pre-empted segment (:meth:`PreemptionCallback.end_segment`), in this order: the checkpoint
+is already written, the caller has closed its loggers, the pre-emption signals are set to ``SIG_IGN``
+and then rank 0 runs ``scontrol requeue``. The requeue sends SIGTERM to every process of the job at
+once, so it must be the last thing the segment does, and the ignored signals keep that SIGTERM from
+cutting the exit short (Python puts its own handlers back to the default while it shuts down).
 
 Contract with the LightningModule: ``pl_module.optimizer_step`` is an int counting completed optimizer
 steps. A batch end is a step boundary when ``pl_module.at_step_boundary`` is True if the module defines
@@ -19,7 +31,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,7 +45,9 @@ from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-_Handler = Any  # what signal.getsignal returns: a callable, an int or None
+PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
+"""SIGUSR1: SLURM's warning before the time limit (``--signal``) or ``scancel --signal=USR1``;
+SIGTERM: ``scancel``, pre-emption, the time limit itself and ``scontrol requeue``."""
 
 
 def slurm_requeue_target(env: dict[str, str] | None = None) -> str | None:
@@ -83,31 +97,107 @@ def _signal_from_name(name: str | int | signal.Signals) -> signal.Signals:
         raise ConfigError(f"unknown signal {name!r}; use a name such as 'SIGUSR1' or 'SIGTERM'") from None
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class SignalLatch:
+    """Process-wide record of the pre-emption signals received since the current run began.
+
+    The handler only records: no I/O, no collectives, nothing that could run in the middle of a
+    backward pass or a checkpoint write. Whoever acts on a signal reads :attr:`received`.
+    """
+
+    def __init__(self) -> None:
+        self.received: dict[signal.Signals, int] = {}
+        """Signal -> how many times it arrived since :meth:`clear`."""
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: count the signal."""
+        sig = signal.Signals(signum)
+        self.received[sig] = self.received.get(sig, 0) + 1
+
+    def got_any(self, signals: Iterable[signal.Signals]) -> bool:
+        """Whether one of ``signals`` arrived since the last :meth:`clear`."""
+        return any(sig in self.received for sig in signals)
+
+    def clear(self) -> None:
+        """Forget the signals received so far (a new run starts)."""
+        self.received = {}
+
+    def install(self, signals: Iterable[signal.Signals] = PREEMPTION_SIGNALS) -> bool:
+        """Make :meth:`handle` the handler of ``signals``; False (and a warning) outside the main thread."""
+        if not _in_main_thread():
+            log.warning("Not in the main thread: pre-emption signals will not be caught")
+            return False
+        for sig in signals:
+            signal.signal(sig, self.handle)
+        return True
+
+    def is_installed(self, sig: signal.Signals) -> bool:
+        """Whether this latch is the current handler of ``sig``."""
+        return signal.getsignal(sig) == self.handle
+
+
+LATCH = SignalLatch()
+"""The latch of this process: installed by :func:`install_preemption_handlers`, read by the callback."""
+
+
+def install_preemption_handlers(signals: Sequence[str | int] = PREEMPTION_SIGNALS) -> SignalLatch:
+    """Catch the pre-emption signals from now until the process exits; forget earlier ones.
+
+    Call it first thing when a run starts (``dlightning fit`` does), so a signal during start-up is
+    recorded, acted on at the first step boundary, and never kills the process.
+    """
+    LATCH.clear()
+    LATCH.install(_signal_from_name(s) for s in signals)
+    return LATCH
+
+
+def ignore_preemption_signals(signals: Iterable[signal.Signals] = PREEMPTION_SIGNALS) -> None:
+    """Set ``signals`` to ``SIG_IGN`` for the rest of the process: its segment is over.
+
+    Ignored dispositions survive the interpreter's shutdown (which resets Python-level handlers to the
+    default action) and are inherited by children such as ``scontrol``.
+    """
+    if not _in_main_thread():
+        return
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionCallback(Callback):
-    """Checkpoint at the next optimizer-step boundary after a signal, then requeue (SLURM) and stop.
+    """Checkpoint at the next optimizer-step boundary after a signal, stop, then requeue (SLURM).
 
     On any rank's signal, all ranks agree (``reduce_boolean_decision(..., all=False)``), save
-    ``<dirpath>/preempt-{step:08d}.ckpt`` collectively, rank 0 runs ``scontrol requeue`` when the
-    signal is one of ``requeue_signals`` and a SLURM job id is known, and ``trainer.should_stop`` is
-    set on every rank so ``fit`` returns normally (exit status 0).
+    ``<dirpath>/preempt-{step:08d}.ckpt`` collectively and set ``trainer.should_stop``, so ``fit``
+    returns normally (exit status 0). The requeue happens in :meth:`end_segment`: in the ``teardown``
+    hook by default, or called by the owner of the run after it closed its loggers
+    (``requeue_in_teardown=False``, what ``dlightning fit`` does). Rank 0 requeues when the signal was
+    one of ``requeue_signals`` and a SLURM job id is known.
 
     Args:
         dirpath: folder for the preemption checkpoint, normally ``checkpoint_dir(run_dir)``.
-        signals: signals to catch. SIGUSR1 is what ``#SBATCH --signal=SIGUSR1@90`` sends before the
+        signals: signals to act on. SIGUSR1 is what ``#SBATCH --signal=SIGUSR1@90`` sends before the
             time limit; SIGTERM is what SLURM sends on pre-emption and ``scancel``.
         requeue_signals: subset of ``signals`` after which the job is requeued. SIGTERM is not in it
             by default because ``scancel`` also sends it (a pre-emption with ``PreemptMode=REQUEUE``
             is requeued by SLURM itself).
         scontrol: the scontrol executable, looked up on PATH.
+        requeue_in_teardown: run :meth:`end_segment` from the ``teardown`` hook.
+        latch: where the signals are recorded (the process-wide :data:`LATCH` by default, so signals
+            caught before the callback existed count).
     """
 
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
         *,
-        signals: Sequence[str | int] = ("SIGUSR1", "SIGTERM"),
+        signals: Sequence[str | int] = PREEMPTION_SIGNALS,
         requeue_signals: Sequence[str | int] = ("SIGUSR1",),
         scontrol: str = "scontrol",
+        requeue_in_teardown: bool = True,
+        latch: SignalLatch | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.signals = tuple(dict.fromkeys(_signal_from_name(s) for s in signals))
@@ -115,64 +205,50 @@ class PreemptionCallback(Callback):
         if not self.requeue_signals <= set(self.signals):
             raise ConfigError("requeue_signals must be a subset of signals")
         self.scontrol = scontrol
+        self.requeue_in_teardown = requeue_in_teardown
+        self.latch = LATCH if latch is None else latch
         self.preempted = False
         """True once this callback saved a preemption checkpoint and asked the trainer to stop."""
         self.checkpoint_path: Path | None = None
         self.requeue_failed = False
         """True when the requeue was asked for and ``scontrol`` failed (``fit`` then raises)."""
-        self._received: signal.Signals | None = None
-        self._requeue_requested = False
+        self._requeue_pending = False
         self._last_step: int | None = None
-        self._previous_handlers: dict[signal.Signals, _Handler] = {}
-
-    # -- signal handling: flag only, no I/O, no collectives --------------------------------------------
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        sig = signal.Signals(signum)
-        self._received = sig
-        if sig in self.requeue_signals:
-            self._requeue_requested = True
 
     @property
     def signal_received(self) -> bool:
-        """Whether this process got one of the signals since training started."""
-        return self._received is not None
+        """Whether this process got one of the signals since the run started."""
+        return self.latch.got_any(self.signals)
+
+    @property
+    def requeue_requested(self) -> bool:
+        """Whether this process got one of the requeue signals since the run started."""
+        return self.latch.got_any(self.requeue_signals)
 
     def install_handlers(self) -> None:
-        """Install the flag-setting handlers (main thread only), replacing Lightning's for these signals."""
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("Not in the main thread: pre-emption signals will not be caught")
-            return
-        for sig in self.signals:
-            # keep the handler from before our first install (a re-install must not record our own)
-            self._previous_handlers.setdefault(sig, signal.getsignal(sig))
-            signal.signal(sig, self._handle)
-
-    def restore_handlers(self) -> None:
-        """Put back the handlers that were active before :meth:`install_handlers`."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
+        """Make the latch the handler of the signals again (main thread only), replacing Lightning's."""
+        self.latch.install(self.signals)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Catch signals from the start of ``fit`` (SIGUSR1's default action would kill the process)."""
+        """Catch the signals from the start of ``fit`` when nobody installed the latch earlier."""
         if stage == "fit":
             self.install_handlers()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Install again: Lightning adds its SIGTERM handler (which runs a collective) after ``setup``."""
+        """Install again: Lightning puts its own SIGTERM handler (which runs a collective) in place after ``setup``."""
         self._last_step = read_optimizer_step(pl_module)
         self.install_handlers()
+        # Lightning's handler also called ours (it chains the previous one), so a SIGTERM that came in
+        # between is recorded here; its own flag would end the run with SIGTERMException, no checkpoint.
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.received_sigterm = False
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Restore the previous signal handlers."""
-        self.restore_handlers()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Restore the previous signal handlers when training fails."""
-        self.restore_handlers()
+        """End a pre-empted segment here unless the owner of the run does it after closing its loggers."""
+        if stage == "fit" and self.requeue_in_teardown:
+            self.end_segment()
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -183,25 +259,39 @@ class PreemptionCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """At a step boundary: agree across ranks; checkpoint, requeue and stop if any rank was signalled."""
+        """At a step boundary: agree across ranks; checkpoint and stop if any rank was signalled."""
         if self.preempted or not self._at_step_boundary(pl_module):
             return
         strategy = trainer.strategy
         if not strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
-        requeue = strategy.reduce_boolean_decision(self._requeue_requested, all=False)
+        requeue = strategy.reduce_boolean_decision(self.requeue_requested, all=False)
         step = read_optimizer_step(pl_module)
         self.checkpoint_path = self.dirpath / step_checkpoint_name(step, prefix="preempt")
         log.info("Pre-emption signal received: saving %s at optimizer step %d", self.checkpoint_path, step)
         save_checkpoint_atomically(trainer, self.checkpoint_path)
-        if trainer.is_global_zero and requeue:
-            job_id = slurm_requeue_target()
-            if job_id is None:
-                log.warning("Signal asks for a requeue but no SLURM job id is set; not requeueing")
-            else:
-                self.requeue_failed = not requeue_slurm_job(job_id, scontrol=self.scontrol)
+        self._requeue_pending = requeue and trainer.is_global_zero
         self.preempted = True
         trainer.should_stop = True
+
+    # -- the end of a pre-empted segment -----------------------------------------------------------------
+    def end_segment(self) -> None:
+        """After a pre-emption stop: ignore the signals from now on, then requeue (rank 0, once).
+
+        Call it after everything else the segment does (loggers closed): ``scontrol requeue`` sends
+        SIGTERM to every process of the job. Does nothing when training was not pre-empted.
+        """
+        if not self.preempted:
+            return
+        ignore_preemption_signals(self.signals)
+        if not self._requeue_pending:
+            return
+        self._requeue_pending = False
+        job_id = slurm_requeue_target()
+        if job_id is None:
+            log.warning("Signal asks for a requeue but no SLURM job id is set; not requeueing")
+            return
+        self.requeue_failed = not requeue_slurm_job(job_id, scontrol=self.scontrol)
 
     def _at_step_boundary(self, pl_module: LightningModule) -> bool:
         flag = getattr(pl_module, "at_step_boundary", None)
@@ -211,3 +301,8 @@ class PreemptionCallback(Callback):
         if isinstance(flag, bool):
             return flag
         return changed
+
+
+def find_preemption_callback(callbacks: Iterable[Callback]) -> PreemptionCallback | None:
+    """The trainer's :class:`PreemptionCallback`, if it has one."""
+    return next((cb for cb in callbacks if isinstance(cb, PreemptionCallback)), None)

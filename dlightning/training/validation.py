@@ -17,6 +17,7 @@ Data: either ``validation.lq_dir`` + ``validation.gt_dir`` (videos or frame fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -245,8 +246,18 @@ class VideoValidation(L.Callback):
             return
         self._last_step = step
         if trainer.is_global_zero:
-            self.validate(pl_module.generator, step, trainer.loggers)
+            with self._weights(pl_module):
+                self.validate(pl_module.generator, step, trainer.loggers)
         trainer.strategy.barrier("dlightning_validation")
+
+    def _weights(self, pl_module: L.LightningModule) -> contextlib.AbstractContextManager:
+        """The averaged weights for ``validation.weights=ema``, else the raw ones as they are."""
+        if self.cfg.weights == "raw":
+            return contextlib.nullcontext()
+        ema = getattr(pl_module, "ema", None)
+        if ema is None:
+            raise ConfigError("validation.weights=ema needs optim.ema.enabled=true")
+        return ema.applied()
 
     def validate(self, generator, step: int, loggers: list | None = None) -> dict[str, float]:
         """Run validation for ``step`` (on the calling process) and log to ``loggers``."""

@@ -32,5 +32,24 @@ set -u
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
+# ---- pre-emption: this shell must outlive the tasks (the job ends with it) ----
+# SLURM signals the tasks itself; a USR1 that only this shell gets (--signal=B:USR1@N, scancel --full
+# or --batch) goes on to srun, which forwards it to every task. TERM reaches the tasks directly.
+step_pid=
+on_usr1() {
+    echo "[dlightning] batch shell got USR1: forwarding USR1 to the training step"
+    if [[ -n $step_pid ]]; then kill -USR1 "$step_pid" 2>/dev/null || true; fi
+}
+trap on_usr1 USR1
+trap 'echo "[dlightning] batch shell got TERM: waiting for the training step to end"' TERM
+
 # ---- training: resumes from the newest valid checkpoint in the run folder after a requeue ----
-srun --kill-on-bad-exit=1 python -m dlightning.cli fit --config /scratch/runs/sd21-2x8/config.yaml trainer.num_nodes=2 trainer.devices=8
+srun --kill-on-bad-exit=1 python -m dlightning.cli fit --config /scratch/runs/sd21-2x8/config.yaml trainer.num_nodes=2 trainer.devices=8 &
+step_pid=$!
+# A trapped signal ends "wait" early; wait again until srun itself has ended, then exit with its status.
+while :; do
+    status=0
+    wait "$step_pid" || status=$?
+    kill -0 "$step_pid" 2>/dev/null || break
+done
+exit "$status"

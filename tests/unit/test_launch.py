@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from helpers.paths import GOLDEN as GOLDEN_DIR
 from helpers.paths import REPO as ROOT
 from helpers.stubs import make_stub_command
 
+from dlightning.cli import main as cli_main
 from dlightning.config import load_config
 from dlightning.errors import ConfigError
 from dlightning.launch.config import LaunchConfig
@@ -18,7 +23,9 @@ from dlightning.launch.sbatch import render_sbatch, submit
 from dlightning.train import submit as submit_run
 
 GOLDEN = GOLDEN_DIR / "sbatch_2x8.sh"
+GOLDEN_CPU = GOLDEN_DIR / "sbatch_cpu_1x2.sh"
 RUN_DIR = "/scratch/runs/sd21-2x8"
+CPU_RUN_DIR = "/scratch/runs/demo-cpu-1x2"
 
 
 def _cfg_2x8(**kw: object) -> LaunchConfig:
@@ -70,9 +77,9 @@ def test_required_directives_2x8() -> None:
     assert not any("B:" in d for d in directives)  # the signal must reach the srun tasks, not only bash
     assert lines[0] == "#!/bin/bash"
     srun = [line for line in lines if line.startswith("srun")]
-    assert srun == [
+    assert srun == [  # in the background: the batch shell waits for it and handles the signals
         f"srun --kill-on-bad-exit=1 python -m dlightning.cli fit --config {RUN_DIR}/config.yaml "
-        "trainer.num_nodes=2 trainer.devices=8"
+        "trainer.num_nodes=2 trainer.devices=8 &"
     ]
     # the environment is set up before training starts
     assert (
@@ -80,13 +87,35 @@ def test_required_directives_2x8() -> None:
     )
 
 
-def test_golden_sbatch_2x8() -> None:
-    text = _render(_cfg_2x8())
+def _cfg_cpu() -> LaunchConfig:
+    return LaunchConfig(nodes=1, gpus_per_node=0, cpus_per_task=1, time="30:00", job_name="dlightning-cpu",
+                        env_setup=["source .venv/bin/activate"])
+
+
+def _render_cpu(cfg: LaunchConfig, tasks: int = 2, **kw: object) -> str:
+    return render_sbatch(cfg, run_dir=CPU_RUN_DIR, config_path=f"{CPU_RUN_DIR}/config.yaml",
+                         cpu_tasks_per_node=tasks, **kw)
+
+
+def _check_golden(path: Path, text: str) -> None:
     if os.environ.get("DLIGHTNING_UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text(), (
-        "rendered script changed; review and rerun with DLIGHTNING_UPDATE_GOLDEN=1"
+        path.write_text(text)
+    assert text == path.read_text(), (
+        f"rendered script changed ({path.name}); review and rerun with DLIGHTNING_UPDATE_GOLDEN=1"
     )
+
+
+def test_golden_sbatch_2x8() -> None:
+    _check_golden(GOLDEN, _render(_cfg_2x8()))
+
+
+def test_golden_sbatch_cpu_1x2() -> None:
+    """A job without GPUs: no GPU directive, tasks per node from trainer.devices, trainer on cpu."""
+    text = _render_cpu(_cfg_cpu())
+    _check_golden(GOLDEN_CPU, text)
+    assert "gpu" not in text.replace("dlightning", "").lower()  # no --gpus*, --gres=gpu
+    assert "#SBATCH --ntasks-per-node=2" in text
+    assert "trainer.num_nodes=1 trainer.devices=2 trainer.accelerator=cpu &" in text
 
 
 def test_readme_shows_the_golden_script() -> None:
@@ -95,9 +124,9 @@ def test_readme_shows_the_golden_script() -> None:
 
 
 def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
-    for cfg in (_cfg_2x8(), _cfg_2x8(use_torchrun=True)):
+    for text in (_render(_cfg_2x8()), _render(_cfg_2x8(use_torchrun=True)), _render_cpu(_cfg_cpu())):
         script = tmp_path / "s.sh"
-        script.write_text(_render(cfg))
+        script.write_text(text)
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
@@ -112,8 +141,9 @@ def test_optional_directives_left_out_and_no_requeue() -> None:
 def test_torchrun_mode_one_task_per_node() -> None:
     text = _render(_cfg_2x8(use_torchrun=True))
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --cpus-per-task=96" in text
-    assert "--signal" not in text  # torchrun's agent would die on SIGUSR1
+    assert "#SBATCH --signal" not in text  # torchrun's agent would die on SIGUSR1
     assert "launch/torchrun_multinode.sh" in text and "NPROC_PER_NODE=8" in text
+    assert 'kill -TERM "$step_pid"' in text  # the batch shell passes TERM on instead (its workers save)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +153,8 @@ def test_torchrun_mode_one_task_per_node() -> None:
         ({"time": "one day"}, "launch.time"),
         ({"job_name": "bash"}, "interactive"),
         ({"signal_seconds": 5}, "signal_seconds"),
+        ({"gpus_per_node": -1}, "gpus_per_node"),
+        ({"gpus_per_node": 0, "use_torchrun": True}, "use_torchrun needs GPUs"),
     ],
 )
 def test_launch_config_validation(kw: dict, match: str) -> None:
@@ -178,6 +210,134 @@ def test_submit_refuses_missing_local_paths_before_writing(tmp_path: Path) -> No
     run_dir = tmp_path / "run"
     cfg = load_config([str(ROOT / "configs/sd21.yaml"), str(ROOT / "configs/launch/2x8.yaml")],
                       [f"trainer.run_dir={run_dir}"])
-    with pytest.raises(ConfigError, match=r"model\.pretrained_path='/path/to/stable-diffusion-2-1-base' does not exist"):
+    missing = r"model\.pretrained_path='/path/to/stable-diffusion-2-1-base' does not exist"
+    with pytest.raises(ConfigError, match=missing):
         submit_run(cfg, dry_run=True)
     assert not run_dir.exists()
+
+
+# ---- CPU-only jobs and sbatch errors (a cluster without GPUs rejects any GPU directive) -------------
+
+
+def _demo_cpu_cfg(run_dir: Path, *extra: str):
+    return load_config([str(ROOT / "configs/demo.yaml")],
+                       [f"trainer.run_dir={run_dir}", "launch.gpus_per_node=0", "trainer.devices=2",
+                        "data.backend=synthetic", "validation.every_n_steps=0", *extra])
+
+
+def test_cpu_only_submit_renders_no_gpu_directive(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    script = submit_run(_demo_cpu_cfg(run_dir), dry_run=True).read_text()
+    assert "#SBATCH --gpus" not in script and "#SBATCH --gres" not in script
+    assert "#SBATCH --ntasks-per-node=2" in script
+    snapshot = load_config([run_dir / "config.yaml"])
+    assert (snapshot.trainer.devices, snapshot.trainer.accelerator, snapshot.launch.gpus_per_node) == (2, "cpu", 0)
+
+
+def test_cpu_only_job_refuses_a_gpu_accelerator(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trainer.accelerator=cpu"):
+        submit_run(_demo_cpu_cfg(tmp_path / "run", "trainer.accelerator=gpu"), dry_run=True)
+
+
+@pytest.fixture
+def refusing_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Invalid generic resource (gres) specification' >&2\n"
+                      "echo 'sbatch: error: Batch job submission failed' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_sbatch_failure_is_one_line_config_error(tmp_path: Path, refusing_sbatch: None) -> None:
+    with pytest.raises(ConfigError) as err:
+        submit(_cfg_2x8(), run_dir=tmp_path / "run", config_path=_config_file(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and "Invalid generic resource (gres) specification" in message
+    assert "exit 1" in message
+
+
+def test_cli_submit_failure_exits_2_without_traceback(tmp_path: Path, refusing_sbatch: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["submit", "--config", str(ROOT / "configs/demo.yaml"), f"trainer.run_dir={tmp_path / 'run'}",
+                     "launch.gpus_per_node=0", "data.backend=synthetic", "validation.every_n_steps=0"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.out + captured.err
+
+
+def _config_file(tmp_path: Path) -> Path:
+    config = tmp_path / "resolved.yaml"
+    config.write_text("trainer:\n  max_steps: 10\n")
+    return config
+
+
+# ---- the batch shell's signal handling (bash with a stand-in srun, no SLURM) --------------------------
+
+# The task: writes ready, records each USR1/TERM it gets, exits 0 on USR1 (or 3 after 60 s).
+TASK = textwrap.dedent(
+    """
+    import pathlib, signal, sys, time
+    out = pathlib.Path(sys.argv[1])
+    got = []
+    def handler(sig, frame):
+        got.append(signal.Signals(sig).name)
+        (out / "got").write_text(" ".join(got))
+    signal.signal(signal.SIGUSR1, handler)
+    signal.signal(signal.SIGTERM, handler)
+    (out / "ready").write_text("")
+    t0 = time.time()
+    while "SIGUSR1" not in got:
+        if time.time() - t0 > 60:
+            sys.exit(3)
+        time.sleep(0.05)
+    """
+)
+
+
+def _shell_job(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """The rendered CPU script, running TASK through a stand-in srun that execs its command."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "task.py").write_text(TASK)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    command = f"{sys.executable} {tmp_path / 'task.py'} {out}"
+    script = tmp_path / "train.sbatch"
+    script.write_text(_render_cpu(LaunchConfig(gpus_per_node=0, cpus_per_task=1), command=command))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return script, env, out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the batch shell ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.05)
+
+
+def test_batch_shell_survives_term_and_forwards_usr1(tmp_path: Path) -> None:
+    """What ``scancel --signal=USR1 --full`` and ``--signal=B:USR1@N`` do to the batch shell: bash dies of
+    an untrapped USR1 (and the job with it, before any checkpoint). The rendered shell passes USR1 on to
+    srun (which forwards it to the tasks), outlives a TERM and exits with srun's status."""
+    script, env, out = _shell_job(tmp_path)
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        _wait_for(out / "ready", shell)
+        time.sleep(0.3)  # the trap is set before srun starts; give bash time to reach its wait
+        shell.send_signal(signal.SIGTERM)  # SLURM sends TERM to the tasks itself; the shell must just wait
+        time.sleep(0.5)
+        assert shell.poll() is None, shell.communicate()
+        shell.send_signal(signal.SIGUSR1)
+        log, _ = shell.communicate(timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert shell.returncode == 0, log
+    assert (out / "got").read_text() == "SIGUSR1", log  # TERM was not passed on, USR1 was
+    assert "batch shell got USR1" in log and "batch shell got TERM" in log
