@@ -93,7 +93,7 @@ def _upscale_args(p: argparse.ArgumentParser) -> None:
                      "it and never lies inside an input folder. Each output is written as a temporary sibling "
                      "(OUT.tmp-<random>) and renamed when complete; an error, Ctrl-C or SIGTERM removes it.")
     p.add_argument("input", help="video file, folder of frames, or folder of videos")
-    p.add_argument("-o", "--output", required=True, help="video file or frame folder (see above)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="video file or frame folder (see above)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output: a video file is replaced; in an existing frame folder only "
                    "the files named like upscale's frames (frame_NNNNNN.png) are replaced or removed, every "

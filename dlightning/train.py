@@ -22,7 +22,13 @@ from dlightning.tracking.loggers import LogResolvedConfig, build_logger, finish_
 from dlightning.training.checkpointing import StepCheckpoint
 from dlightning.training.grad_sync import PhaseGradSync, build_grad_sync
 from dlightning.training.module import DLoRALModule
-from dlightning.training.preemption import PreemptionCallback, find_preemption_callback, install_preemption_handlers
+from dlightning.training.preemption import (
+    PreemptionCallback,
+    find_preemption_callback,
+    ignore_preemption_signals,
+    install_preemption_handlers,
+)
+from dlightning.training.progress import StepProgress
 from dlightning.training.run_lock import RunLock
 from dlightning.training.schedule import SchedulePhase
 from dlightning.training.strategy import build_cluster_plugins, build_strategy, check_launch_environment
@@ -62,6 +68,7 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         # fit requeues after it has closed the loggers: the requeue's SIGTERM reaches every process at once
         PreemptionCallback(run_dir / "checkpoints", requeue_in_teardown=False),
         LogResolvedConfig(to_container(cfg)),
+        StepProgress(tcfg.max_steps),
         *(callbacks or []),
     ]
     if cfg.validation.every_n_steps > 0:
@@ -87,7 +94,7 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         limit_val_batches=0,
         use_distributed_sampler=False,
         deterministic=tcfg.deterministic,
-        enable_progress_bar=True,
+        enable_progress_bar=False,  # StepProgress shows optimizer steps, not batches of a virtual epoch
         enable_model_summary=False,
     )
 
@@ -159,6 +166,9 @@ def _end_segment(trainer: L.Trainer) -> None:
     preemption = find_preemption_callback(trainer.callbacks)
     preempted = preemption is not None and preemption.preempted
     finish_tracking(trainer, shutdown=preempted)
+    # Training is over: a late signal (SLURM's time-limit warning may come a minute early) is a no-op,
+    # also while Python shuts down, when it would otherwise kill the process.
+    ignore_preemption_signals()
     if preemption is None:
         return
     preemption.end_segment()

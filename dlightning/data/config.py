@@ -29,6 +29,11 @@ class DataConfig:
 
     backend: str = "shards"
     """shards: WebDataset shard sets in ``sources``; synthetic: in-memory random clips (smoke tests)."""
+    access: str = "indexed"
+    """How shards are read. indexed: random access through an index of the tar members built at start-up,
+    one global sample order per source, a resume continues it exactly at any num_workers and world size
+    (docs/DATA.md 2.3). stream: webdataset's sequential pipeline for storage without random access; a
+    resume draws a fresh stream (docs/DATA.md 2.6)."""
     sources: list[SourceConfig] = field(default_factory=list)
     frames: int = 3
     """Frames per training clip (windows (0,1), (1,2), ...)."""
@@ -39,6 +44,7 @@ class DataConfig:
     """Clips per GPU per micro-batch."""
     num_workers: int = 2
     shuffle_buffer: int = 64
+    """Stream access: samples in each stream's shuffle buffer."""
     augment: bool = True
     """Per-clip flips and 90-degree rotations, the same for every frame of the clip."""
     batches_per_epoch: int = 1000
@@ -46,11 +52,11 @@ class DataConfig:
     seed: int = 0
     """Base data seed; ranks, workers and resumes derive their own from it."""
     resampled: bool = True
-    """True: every stream draws shards with replacement (no node split needed, equal batch counts by
+    """Stream access only. True: every stream draws shards with replacement (no node split needed, equal batch counts by
     construction). False: each rank reads a disjoint shard subset (split by node, then by stream), each
     stream cycling through its shards in a fresh random order every pass."""
     num_streams: int = 0
-    """Independent sample streams per rank and source (0 = max(1, num_workers)). Micro-batch m is drawn
+    """Stream access only. Independent sample streams per rank and source (0 = max(1, num_workers)). Micro-batch m is drawn
     from stream m % num_streams, so batch contents depend on this value and the seeds but not on
     num_workers; it must be a multiple of num_workers."""
     max_consecutive_skips: int = 1000
@@ -58,6 +64,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data", "backend", self.backend, ("shards", "synthetic"))
+        check_choice("data", "access", self.access, ("indexed", "stream"))
         if self.frames < 2:
             raise ConfigError("data.frames must be >= 2 (the generator needs a previous frame)")
         if self.crop_size % (self.scale * 8):

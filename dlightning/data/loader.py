@@ -6,7 +6,11 @@ Design (docs/DATA.md 2, docs/INTEGRATION.md C3, docs/METHOD.md 12.5):
   items are finished batches (use ``DataLoader(batch_size=None)``). PyTorch's DataLoader asks its W
   workers for items round-robin, so worker w of an epoch that starts at micro-batch s yields the
   batches s + w, s + w + W, ...; every batch therefore knows its global micro-batch index m on its rank.
-* Batch m uses the phase ``phase_fn(m)`` to pick one source by that phase's mixing weights, then takes
+* ``data.access=indexed`` (default): batch m is built from the global sample order by random access
+  into the tars (``dlightning.data.indexed``, ``order``, ``tar_index``); it is a function of m, the rank
+  and the global batch only, so a resume continues it exactly.
+* ``data.access=stream`` (the rest of this docstring): batch m uses the phase ``phase_fn(m)`` to pick one
+  source by that phase's mixing weights, then takes
   ``batch_size`` clips from stream ``m % cfg.streams`` of that source. A stream is an explicit
   ``wds.DataPipeline``: ``ResampledShards(deterministic=True)`` (or a disjoint per-rank shard cycle) ->
   ``tarfile_to_samples`` with a counting handler -> ``validate_samples`` -> seeded ``shuffle``. Stream
@@ -30,6 +34,7 @@ import json
 import random
 import signal
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,6 +57,8 @@ from dlightning.contracts.shard_format import (
     read_manifest,
 )
 from dlightning.data.config import DataConfig
+from dlightning.data.order import OrderOrigin, SourcePlan, checked_phase
+from dlightning.data.tar_index import SourceIndex, index_source
 from dlightning.data.transforms import (
     Dihedral,
     SampleError,
@@ -147,13 +154,15 @@ def load_shard_urls(cfg: DataConfig, *, world_size: int) -> list[list[str]]:
         One list of shard paths per ``cfg.sources`` entry.
 
     Raises:
-        ConfigError: a source folder or manifest is missing, empty or unreadable, or (non-resampled
-            mode) a source has fewer shards than world_size * streams.
+        ConfigError: a source folder or manifest is missing, empty or unreadable, or (stream access,
+            non-resampled) a source has fewer shards than world_size * streams.
     """
     if not cfg.sources:
         raise ConfigError("data.sources is empty; list at least one shard folder "
                           "(or use data.backend=synthetic)")
     urls = [_source_urls(i, src.path) for i, src in enumerate(cfg.sources)]
+    if cfg.access == "indexed":
+        return urls  # every rank reads from every shard: no shard count to check
     needed = world_size * cfg.streams
     for i, shards in enumerate(urls):
         if len(shards) >= needed:
@@ -189,6 +198,32 @@ def _source_urls(index: int, path: str) -> list[str]:
     return present
 
 
+def index_shard_sets(cfg: DataConfig, urls: list[list[str]]) -> list[SourceIndex]:
+    """Index the tar members of every source (headers only), for the indexed access.
+
+    Args:
+        cfg: The data section (names the sources in messages).
+        urls: Shard paths per source (``load_shard_urls``).
+
+    Returns:
+        One :class:`SourceIndex` per source.
+
+    Raises:
+        ConfigError: a source none of whose shards holds a readable sample.
+    """
+    indexes = []
+    for i, shards in enumerate(urls):
+        started = time.perf_counter()
+        index = index_source(shards)
+        if index.num_samples == 0:
+            raise ConfigError(f"data.sources.{i}.path={cfg.sources[i].path!r}: no shard holds a readable sample; "
+                              "check the shard set with `dlightning shards verify`")
+        log.info("data.sources.%d: indexed %d samples in %d shards (%d damaged) in %.1f s", i, index.num_samples,
+                 len(shards), len(index.faults), time.perf_counter() - started)
+        indexes.append(index)
+    return indexes
+
+
 def check_phase_weights(cfg: DataConfig, phases: Sequence[str]) -> None:
     """Every phase the schedule uses needs a source with a positive weight for it (ConfigError)."""
     for phase in phases:
@@ -215,12 +250,18 @@ def validate_samples(src: Iterator[dict], *, counter: SkipCounter, min_frames: i
     """
     for sample in src:
         try:
-            yield _validated(sample, min_frames)
+            yield validated_sample(sample, min_frames)
         except SampleError as err:
             counter.add(err.reason, f"{sample.get('__key__')} in {sample.get('__url__')}: {err}")
 
 
-def _validated(sample: dict, min_frames: int) -> dict:
+def validated_sample(sample: dict, min_frames: int) -> dict:
+    """The sample with its parsed ``meta.json`` added as ``sample["__meta__"]``.
+
+    Raises:
+        SampleError: ``missing_field`` (no meta, or one of its ``num_frames`` HR/LQ PNGs absent),
+            ``bad_meta`` or ``too_few_frames``.
+    """
     if not sample.get(META_FIELD):
         raise SampleError("missing_field", META_FIELD)
     try:
@@ -320,7 +361,7 @@ class ShardBatchBuilder:
         """Batch dict for micro-batch ``micro_batch`` (its epoch decides which streams are open)."""
         if epoch != self._epoch:  # streams are per epoch; drop the old ones (and their buffers)
             self._streams, self._epoch = {}, epoch
-        phase = _checked_phase(self.phase_fn, micro_batch)
+        phase = checked_phase(self.phase_fn, micro_batch)
         rng = np.random.default_rng(derive_seed(self.cfg.seed, self.resume_count, self.rank, micro_batch,
                                                 _TAG_BATCH))
         source = choose_source(self.cfg, phase, rng)
@@ -365,13 +406,6 @@ class ShardBatchBuilder:
         )
 
 
-def _checked_phase(phase_fn: PhaseFn, micro_batch: int) -> str:
-    phase = phase_fn(micro_batch)
-    if phase not in PHASES:
-        raise ValueError(f"phase_fn({micro_batch}) returned {phase!r}; expected one of {PHASES}")
-    return phase
-
-
 def worker_micro_batches(start: int, epoch: int, batches_per_epoch: int, worker: int,
                          num_workers: int) -> range:
     """Micro-batch indices worker ``worker`` of ``num_workers`` (0 = main process) yields in ``epoch``.
@@ -390,10 +424,12 @@ class MicroBatchDataset(IterableDataset):
         builder: Object with ``build(micro_batch, epoch) -> batch dict`` (shards or synthetic).
         start_micro_batch: Micro-batch index of the first batch (the resume position).
         batches_per_epoch: Batches per rank per epoch.
-        num_streams: ``cfg.streams``; must be a multiple of the DataLoader's num_workers.
+        num_streams: ``cfg.streams`` of the stream access, which must be a multiple of the DataLoader's
+            num_workers; None where batches have no streams (indexed access, synthetic backend).
     """
 
-    def __init__(self, builder, *, start_micro_batch: int, batches_per_epoch: int, num_streams: int) -> None:
+    def __init__(self, builder, *, start_micro_batch: int, batches_per_epoch: int,
+                 num_streams: int | None = None) -> None:
         super().__init__()
         self.builder, self.start, self.batches_per_epoch = builder, start_micro_batch, batches_per_epoch
         self.num_streams = num_streams
@@ -405,7 +441,7 @@ class MicroBatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 0)
-        if self.num_streams % max(1, num_workers):
+        if self.num_streams is not None and self.num_streams % max(1, num_workers):
             raise ConfigError(f"data.num_streams={self.num_streams} must be a multiple of "
                               f"num_workers={num_workers}")
         epoch, self._epoch = self._epoch, self._epoch + 1
@@ -415,7 +451,9 @@ class MicroBatchDataset(IterableDataset):
 
 def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, phase_fn: PhaseFn,
                            phases: Sequence[str] = PHASES, start_micro_batch: int = 0,
-                           resume_count: int = 0, shard_urls: list[list[str]] | None = None) -> DataLoader:
+                           resume_count: int = 0, shard_urls: list[list[str]] | None = None,
+                           indexes: list[SourceIndex] | None = None, plan: SourcePlan | None = None,
+                           origin: OrderOrigin | None = None) -> DataLoader:
     """Check the sources and build the training DataLoader of one rank.
 
     Args:
@@ -425,23 +463,36 @@ def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 
         phase_fn: Micro-batch index -> "consistency" / "detail" (e.g. ``SchedulePhase``).
         phases: Phases the schedule uses (each needs a source weight > 0).
         start_micro_batch: First micro-batch index (resume position).
-        resume_count: Number of resumes so far (shards backend: fresh stream per resume).
+        resume_count: Number of resumes so far (stream access: fresh stream per resume).
         shard_urls: Result of an earlier ``load_shard_urls`` (skips re-reading the manifests).
+        indexes: Result of an earlier ``index_shard_sets`` (indexed access; skips re-indexing).
+        plan: The sources of the micro-batches (indexed access; built from ``phase_fn`` when None).
+        origin: Where the current global batch took over the order (indexed access; default: the start).
 
     Returns:
         ``DataLoader(batch_size=None)`` yielding ``cfg.batches_per_epoch`` batch dicts per epoch.
     """
     check_phase_weights(cfg, phases)
+    num_streams = None
     if cfg.backend == "synthetic":
         from dlightning.data.synthetic import SyntheticBatchBuilder
 
         builder = SyntheticBatchBuilder(cfg, rank=rank, phase_fn=phase_fn)
+    elif cfg.access == "indexed":
+        from dlightning.data.indexed import IndexedBatchBuilder
+
+        urls = shard_urls if shard_urls is not None else load_shard_urls(cfg, world_size=world_size)
+        plan = plan or SourcePlan(cfg, phase_fn)
+        plan.counts_before(start_micro_batch)  # computed once here, before workers inherit the plan
+        builder = IndexedBatchBuilder(cfg, indexes if indexes is not None else index_shard_sets(cfg, urls),
+                                      plan=plan, origin=origin or OrderOrigin(), rank=rank, world_size=world_size)
     else:
         urls = shard_urls if shard_urls is not None else load_shard_urls(cfg, world_size=world_size)
         builder = ShardBatchBuilder(cfg, urls, rank=rank, world_size=world_size, phase_fn=phase_fn,
                                     resume_count=resume_count)
+        num_streams = cfg.streams
     dataset = MicroBatchDataset(builder, start_micro_batch=start_micro_batch,
-                                batches_per_epoch=cfg.batches_per_epoch, num_streams=cfg.streams)
+                                batches_per_epoch=cfg.batches_per_epoch, num_streams=num_streams)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       persistent_workers=cfg.num_workers > 0, worker_init_fn=_init_worker)
 

@@ -155,7 +155,8 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None = a handler installed outside Python; the default is the closest we can put back.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _to_tensor(frames: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -434,8 +435,14 @@ def upscale_path(model, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *,
                  prompt_default: str = "", overwrite: bool = False) -> list[Path]:
     """Upscale a video, a frame folder or a folder of videos (inputs and outputs are checked first).
 
+    Args:
+        overwrite: Replace existing outputs, only what upscale writes (:func:`plan_outputs`).
+
     Returns:
         The written outputs.
+
+    Raises:
+        ConfigError: An input, an output or a frame size is refused, before any frame is processed.
     """
     sources = collect_inputs(inp)
     targets = plan_outputs(inp, sources, out, overwrite=overwrite)
@@ -448,7 +455,12 @@ def upscale_exported(export_dir: str | Path, inp: str | Path, out: str | Path, c
                      overwrite: bool = False) -> list[Path]:
     """Load an export folder on the configured device/dtype and upscale ``inp`` into ``out``.
 
-    Inputs, outputs (:func:`plan_outputs`) and frame sizes are checked before the model loads.
+    Inputs, outputs (:func:`plan_outputs`, ``overwrite`` as there) and frame sizes are checked before the
+    model loads.
+
+    Raises:
+        ConfigError: An input, an output or a frame size is refused.
+        MissingWeightsError: ``export_dir`` is not a complete export.
     """
     from dlightning.contracts.export_format import read_metadata
     from dlightning.inference.exported import load_exported

@@ -86,6 +86,8 @@ class DLoRALModule(L.LightningModule):
         self._active_phase = CONSISTENCY
         """Phase of the optimizer step being taken (read in on_before_optimizer_step)."""
         self._grad_norms: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+        """The ``train/...`` metrics of the latest log line (the progress display reads them)."""
 
     # ----------------------------------------------------------------------------------- set-up
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -269,6 +271,10 @@ class DLoRALModule(L.LightningModule):
         if not self.step_metrics.due(self.at_step_boundary, self.optimizer_step):
             return
         metrics = self.step_metrics.collect(self._step_facts(spec, batch))
+        self.last_metrics = metrics
+        # Into Lightning's callback metrics too, so ModelCheckpoint(monitor=...) and EarlyStopping see
+        # them; the loggers get them below, keyed by our optimizer step instead of Lightning's counter.
+        self.log_dict(metrics, logger=False, on_step=True, on_epoch=False, batch_size=batch["hr"].shape[0])
         if self.trainer.is_global_zero:
             # Straight to the loggers, keyed by our optimizer step (Lightning's global_step would count
             # micro-batches differently under accumulation and skipped steps).
