@@ -6,11 +6,13 @@ This is the only place that knows every section of the config; each component re
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dlightning.config import RootConfig, check_local_paths, to_container, to_yaml
 from dlightning.contracts.checkpoint_format import checkpoint_dir, list_valid_checkpoints, read_training_checkpoint
@@ -57,6 +59,29 @@ def build_datamodule(cfg: RootConfig) -> VSRDataModule:
     return VSRDataModule(cfg.data, phase_fn=SchedulePhase(cfg.schedule, cfg.optim.accumulate))
 
 
+def instantiate_callbacks(specs: list[dict[str, Any]]) -> list[L.Callback]:
+    """Lightning callbacks from ``trainer.callbacks`` entries ``{class_path, init_args}`` (LightningCLI's form).
+
+    Raises:
+        ConfigError: A class that cannot be imported, is not a Lightning callback, or refuses its arguments.
+    """
+    built = []
+    for i, spec in enumerate(specs):
+        module_name, _, class_name = str(spec["class_path"]).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"trainer.callbacks.{i}.class_path={spec['class_path']!r} cannot be imported ({err}); "
+                              "give the full path, e.g. lightning.pytorch.callbacks.EarlyStopping") from err
+        if not (isinstance(cls, type) and issubclass(cls, L.Callback)):
+            raise ConfigError(f"trainer.callbacks.{i}.class_path={spec['class_path']!r} is not a Lightning Callback")
+        try:
+            built.append(cls(**dict(spec.get("init_args") or {})))
+        except TypeError as err:
+            raise ConfigError(f"trainer.callbacks.{i}: {spec['class_path']} refuses its init_args ({err})") from err
+    return built
+
+
 def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None, run_id: str | None = None,
                   grad_sync: PhaseGradSync | None = None) -> L.Trainer:
     """Lightning Trainer with our strategy, checkpoint I/O, preemption handling and logger."""
@@ -68,14 +93,15 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         # fit requeues after it has closed the loggers: the requeue's SIGTERM reaches every process at once
         PreemptionCallback(run_dir / "checkpoints", requeue_in_teardown=False),
         LogResolvedConfig(to_container(cfg)),
-        StepProgress(tcfg.max_steps),
+        *([StepProgress(tcfg.max_steps)] if tcfg.lightning.get("enable_progress_bar", True) else []),
+        *instantiate_callbacks(tcfg.callbacks),
         *(callbacks or []),
     ]
     if cfg.validation.every_n_steps > 0:
         from dlightning.training.validation import VideoValidation  # imports the inference stack
 
         all_callbacks.append(VideoValidation(cfg.validation, run_dir))
-    return L.Trainer(
+    arguments: dict[str, Any] = dict(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
@@ -94,9 +120,15 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
         limit_val_batches=0,
         use_distributed_sampler=False,
         deterministic=tcfg.deterministic,
-        enable_progress_bar=False,  # StepProgress shows optimizer steps, not batches of a virtual epoch
         enable_model_summary=False,
     )
+    # Any other Trainer argument from the config (trainer.<name>) wins over these defaults.
+    arguments.update({k: v for k, v in tcfg.lightning.items() if k != "enable_progress_bar"})
+    # Lightning refuses a ModelCheckpoint from the config while its own checkpointing is off.
+    arguments["enable_checkpointing"] = any(isinstance(cb, ModelCheckpoint) for cb in all_callbacks)
+    # StepProgress shows optimizer steps; Lightning's bar would count batches of a virtual epoch.
+    arguments["enable_progress_bar"] = False
+    return L.Trainer(**arguments)
 
 
 def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | None = None) -> DLoRALModule:
@@ -119,6 +151,7 @@ def fit(cfg: RootConfig, *, fresh: bool = False, callbacks: list[L.Callback] | N
     install_preemption_handlers()
     tcfg = cfg.trainer
     check_local_paths(cfg)
+    instantiate_callbacks(tcfg.callbacks)  # a bad class_path fails before anything is built
     check_launch_environment(tcfg.devices, tcfg.num_nodes)
     run_dir = Path(tcfg.run_dir)
     datamodule = build_datamodule(cfg)

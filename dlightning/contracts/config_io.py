@@ -49,6 +49,37 @@ def check_range(section: str, key: str, value: float, *, low: float | None = Non
 
 
 # ------------------------------------------------------------------------------------------ key checks
+EXTRA_KEYS_ATTR = "__extra_keys__"
+"""A schema dataclass may set ``__extra_keys__ = (field, names)``: keys it does not define but that
+``names()`` lists (e.g. the keyword arguments of ``lightning.Trainer``) are accepted at its level and
+kept in its dict field ``field``. A typo still gets the closest key among both sets."""
+
+
+def _extra_keys(cls: Any) -> tuple[str, set[str]] | None:
+    spec = getattr(cls, EXTRA_KEYS_ATTR, None) if dataclasses.is_dataclass(cls) else None
+    return (spec[0], set(spec[1]())) if spec else None
+
+
+def _route_extras(user: Any, cls: type) -> Any:
+    """Move the extra keys of ``user`` (a plain dict for ``cls``) into its extra field, at every level."""
+    if not isinstance(user, dict) or not dataclasses.is_dataclass(cls):
+        return user
+    types = _field_types(cls)
+    extras = _extra_keys(cls)
+    out: dict[str, Any] = {}
+    for key, value in user.items():
+        if key not in types and extras is not None and key in extras[1]:
+            out.setdefault(extras[0], {})[key] = value
+            continue
+        sub = _element_dataclass(types[key]) if key in types and typing.get_origin(types[key]) is not dict else None
+        if sub is not None and isinstance(value, list):
+            value = [_route_extras(item, sub) for item in value]
+        elif sub is not None:
+            value = _route_extras(value, sub)
+        out[key] = value
+    return out
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -77,10 +108,12 @@ def check_keys(user: Any, cls: type, prefix: str = "") -> None:
     if not isinstance(user, dict):
         return
     types = _field_types(cls)
+    extras = _extra_keys(cls)
     for key, value in user.items():
         path = f"{prefix}{key}"
         if key not in types:
-            raise _unknown_key(path, str(key), list(types))
+            valid = list(types) + sorted(extras[1] if extras else ())
+            raise _unknown_key(path, str(key), valid)
         annotation = types[key]
         if typing.get_origin(annotation) is dict:
             continue
@@ -109,8 +142,12 @@ def _list_default_item(node: ListConfig) -> Any:
     return OmegaConf.structured(element) if dataclasses.is_dataclass(element) else None
 
 
-def _walk(root: DictConfig, key: str) -> None:
-    """Check every segment of a dotted override key exists (appending a list item at index == length)."""
+def _walk(root: DictConfig, key: str) -> str:
+    """Check every segment of a dotted override key exists (appending a list item at index == length).
+
+    Returns:
+        The key to update: ``key`` itself, or with an extra key routed into its section's extra field.
+    """
     node: Any = root
     walked = ""
     parts = key.split(".")
@@ -134,13 +171,19 @@ def _walk(root: DictConfig, key: str) -> None:
             if index < len(node):
                 node = node[index]
         elif isinstance(node, DictConfig):
-            structured = dataclasses.is_dataclass(OmegaConf.get_type(node))
+            schema = OmegaConf.get_type(node)
+            structured = dataclasses.is_dataclass(schema)
+            extras = _extra_keys(schema)
+            if structured and part not in node and extras is not None and part in extras[1]:
+                return ".".join([*parts[:depth], extras[0], *parts[depth:]])
             if structured and part not in node:
-                raise _unknown_key(path, part, [str(k) for k in node.keys()])
+                valid = [str(k) for k in node.keys()] + sorted(extras[1] if extras else ())
+                raise _unknown_key(path, part, valid)
             node = node[part] if part in node else None
         else:
             raise ConfigError(f"config key '{path}': '{walked.rstrip('.')}' is a value, not a section")
         walked = f"{path}."
+    return key
 
 
 def _target_annotation(cls: Any, key: str) -> Any:
@@ -179,7 +222,7 @@ def apply_override(merged: DictConfig, item: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=1e-4")
-    _walk(merged, key)
+    key = _walk(merged, key)
     value = _parse_value(key, text)
     if isinstance(value, (DictConfig, ListConfig)):
         _check_value_keys(OmegaConf.get_type(merged), key, OmegaConf.to_container(value))
@@ -225,7 +268,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         ConfigError: Unknown keys (with the closest valid key), unparsable or mistyped values,
             or values the schema's checks refuse.
     """
-    layers = [load_yaml(f) for f in files]
+    layers = [_route_extras(load_yaml(f), cls) for f in files]
     for layer in layers:
         check_keys(layer, cls)
     try:
@@ -253,6 +296,7 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 def from_container(data: dict[str, Any], cls: type) -> Any:
     """Rebuild a config dataclass from :func:`to_container` output (e.g. read back from a checkpoint)."""
+    data = _route_extras(data, cls)
     check_keys(data, cls)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))

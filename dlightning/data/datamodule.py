@@ -3,10 +3,15 @@
 Resume contract: the LightningModule calls ``set_position(micro_batch)`` with the index of the next
 micro-batch it will consume before a checkpoint is written; Lightning stores ``state_dict()`` in the
 checkpoint and calls ``load_state_dict()`` on restore, before ``train_dataloader()``. The loader then
-starts at that micro-batch, so phases stay aligned with the optimizer step. ``resume_count`` grows by
-one per restore and is folded into the shard stream seeds: a resumed WebDataset run draws a fresh
-stream instead of replaying the start of the first epoch (WebDataset offers no exact mid-epoch
-resume, docs/DATA.md 0.4). The synthetic backend ignores it and resumes bit for bit.
+starts at that micro-batch, so phases stay aligned with the optimizer step.
+
+With the indexed access (default) every batch is a function of its micro-batch index, the rank and
+the global batch (``dlightning.data.order``), so ``micro_batch`` is the whole position and a resume
+continues the order bit for bit at any ``num_workers``. The checkpoint also records the global batch
+and the order's origin: a resume with another world size or batch size rebases the origin at the
+resumed micro-batch, so the same global order continues from the same position (docs/DATA.md 2.6).
+``resume_count`` grows by one per restore; only the stream access folds it into its stream seeds (a
+resumed stream draws fresh data, docs/DATA.md 0.4). The synthetic backend resumes bit for bit.
 
 Skip counts: every batch carries ``batch["skipped"]`` (counts since the worker's previous batch);
 ``on_before_batch_transfer`` pops it in the main process and adds it to ``skip_counts()``. Lightning
@@ -24,8 +29,13 @@ from torch.utils.data import DataLoader
 
 from dlightning.contracts.phases import PHASES, PhaseFn
 from dlightning.data.config import DataConfig
-from dlightning.data.loader import build_train_dataloader, check_phase_weights, load_shard_urls
+from dlightning.data.loader import build_train_dataloader, check_phase_weights, index_shard_sets, load_shard_urls
+from dlightning.data.order import OrderOrigin, SourcePlan
+from dlightning.data.tar_index import SourceIndex
 from dlightning.utils.distributed import gather_from_ranks, this_rank
+from dlightning.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class VSRDataModule(L.LightningDataModule):
@@ -49,13 +59,27 @@ class VSRDataModule(L.LightningDataModule):
         self.micro_batch, self.resume_count = 0, 0
         self._skips: Counter[str] = Counter()
         self._shard_urls: list[list[str]] | None = None
+        self._indexes: list[SourceIndex] | None = None
         self._checked_world_size: int | None = None
+        self._plan: SourcePlan | None = None
+        self._stored_order: dict[str, Any] | None = None
+        """The checkpoint's order record (None: a fresh run); resolved for this global batch on use."""
+        self._origin: tuple[int, OrderOrigin] | None = None
+        """(global batch, origin) once resolved."""
+
+    @property
+    def indexed(self) -> bool:
+        """Whether batches come from the global sample order (shards backend, indexed access)."""
+        return self.cfg.backend == "shards" and self.cfg.access == "indexed"
 
     def check_sources(self, world_size: int) -> None:
-        """Check the phase weights and find every shard now, so bad data fails before the model is built."""
+        """Check the phase weights, find every shard and index it now, so bad data fails before the model
+        is built."""
         check_phase_weights(self.cfg, self.phases)
         if self.cfg.backend == "shards":
             self._shard_urls = load_shard_urls(self.cfg, world_size=world_size)
+            if self.indexed:
+                self._indexes = index_shard_sets(self.cfg, self._shard_urls)
         self._checked_world_size = world_size
 
     def setup(self, stage: str) -> None:
@@ -69,28 +93,81 @@ class VSRDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """The rank's loader, starting at the resumed micro-batch."""
+        if self.indexed and self._indexes is None:
+            self.check_sources(self.world_size or 1)
+        order = {"plan": self._source_plan(), "origin": self.order_origin()} if self.indexed else {}
         return build_train_dataloader(self.cfg, rank=self.rank or 0, world_size=self.world_size or 1,
                                       phase_fn=self.phase_fn, phases=self.phases,
                                       start_micro_batch=self.micro_batch, resume_count=self.resume_count,
-                                      shard_urls=self._shard_urls)
+                                      shard_urls=self._shard_urls, indexes=self._indexes, **order)
+
+    @property
+    def global_batch(self) -> int:
+        """Clips per micro-batch over all ranks: world size x ``data.batch_size``."""
+        return (self.world_size or 1) * self.cfg.batch_size
+
+    def _source_plan(self) -> SourcePlan:
+        if self._plan is None:
+            self._plan = SourcePlan(self.cfg, self.phase_fn)
+        return self._plan
+
+    def order_origin(self) -> OrderOrigin:
+        """Where the current global batch took over the order: the checkpoint's origin, rebased at the
+        resumed micro-batch when the global batch changed (world size or ``data.batch_size``)."""
+        if self._origin is None or self._origin[0] != self.global_batch:
+            self._origin = (self.global_batch, self._resolve_origin())
+        return self._origin[1]
+
+    def _resolve_origin(self) -> OrderOrigin:
+        stored = self._stored_order
+        if stored is None:
+            return OrderOrigin()  # a fresh run, or a checkpoint written before the order existed
+        origin = OrderOrigin(int(stored["origin_micro_batch"]), tuple(int(p) for p in stored["origin_positions"]))
+        if len(origin.positions) != len(self.cfg.sources):
+            log.warning("data: the checkpoint's order has %d sources, data.sources has %d: the order restarts "
+                        "as if this run had always read these sources", len(origin.positions), len(self.cfg.sources))
+            return OrderOrigin()
+        slots = self._slots()
+        if slots is not None and stored.get("slots") not in (None, slots):
+            log.warning("data: the shard sets changed since the checkpoint (slots per source %s -> %s): the "
+                        "positions continue, but in a different order", stored["slots"], slots)
+        old_batch = int(stored["global_batch"])
+        if old_batch == self.global_batch:
+            return origin
+        log.info("data: global batch %d -> %d; the sample order continues at micro-batch %d from the same "
+                 "positions", old_batch, self.global_batch, self.micro_batch)
+        return origin.rebased(self._source_plan(), old_batch, self.micro_batch)
+
+    def _slots(self) -> list[int] | None:
+        return [len(index) for index in self._indexes] if self._indexes is not None else None
+
+    def _order_state(self) -> dict[str, Any]:
+        origin = self.order_origin()
+        return {"global_batch": self.global_batch, "origin_micro_batch": origin.micro_batch,
+                "origin_positions": list(origin.positions) or [0] * len(self.cfg.sources), "slots": self._slots()}
 
     def set_position(self, micro_batch: int) -> None:
         """Record the index of the next micro-batch to consume (call before saving a checkpoint)."""
         self.micro_batch = int(micro_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"micro_batch", "resume_count", "skips_per_rank"}`` for the checkpoint.
+        """``{"micro_batch", "resume_count", "skips_per_rank"}`` for the checkpoint, plus ``"order"``
+        (global batch, order origin, slots per source) with the indexed access.
 
         Runs on every rank (only rank 0 writes the file), so the skip counts of all ranks are gathered
         here and each rank continues its own after a resume.
         """
-        return {"micro_batch": self.micro_batch, "resume_count": self.resume_count,
-                "skips_per_rank": gather_from_ranks(dict(self._skips))}
+        state = {"micro_batch": self.micro_batch, "resume_count": self.resume_count,
+                 "skips_per_rank": gather_from_ranks(dict(self._skips))}
+        if self.indexed:
+            state["order"] = self._order_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the position and this rank's skip counts; counts one more resume (fresh shard streams)."""
+        """Restore the position, the order record and this rank's skip counts; counts one more resume."""
         self.micro_batch = int(state_dict["micro_batch"])
         self.resume_count = int(state_dict["resume_count"]) + 1
+        self._stored_order, self._origin = state_dict.get("order"), None
         per_rank = state_dict.get("skips_per_rank") or []
         rank = self.rank if self.rank is not None else this_rank()
         self._skips = Counter(per_rank[rank] if rank < len(per_rank) else {})

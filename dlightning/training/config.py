@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from dlightning.contracts.config_io import check_choice, check_range
 from dlightning.contracts.phases import LOSS_TERMS, PARAM_GROUPS, PHASES
@@ -130,9 +132,45 @@ class OptimConfig:
             check_range("optim.clip_norm", group, limit, low=0)
 
 
+OWNED_TRAINER_ARGS: dict[str, str] = {
+    "max_epochs": "training length is trainer.max_steps (optimizer steps, which the phase schedule counts)",
+    "min_epochs": "training length is trainer.max_steps (optimizer steps, which the phase schedule counts)",
+    "min_steps": "training length is trainer.max_steps (optimizer steps, which the phase schedule counts)",
+    "logger": "set logging.backend (one or a list of wandb, tensorboard, csv)",
+    "plugins": "dlightning sets the checkpoint IO (atomic saves) and the cluster environment itself",
+    "enable_checkpointing": "checkpoints are dlightning's own (trainer.checkpoint_every, trainer.keep_checkpoints)",
+    "default_root_dir": "set trainer.run_dir",
+    "log_every_n_steps": "set trainer.log_every (optimizer steps)",
+    "use_distributed_sampler": "the loader splits the data across ranks itself",
+    "accumulate_grad_batches": "set optim.accumulate (the module accumulates under manual optimisation)",
+    "gradient_clip_val": "set optim.clip_norm (per group; Lightning cannot clip under manual optimisation)",
+    "gradient_clip_algorithm": "set optim.clip_norm (per group; Lightning cannot clip under manual optimisation)",
+    "barebones": "dlightning's checkpoints, progress and logging need the full Trainer",
+}
+"""Lightning Trainer arguments dlightning sets itself, with what to use instead."""
+
+
+def lightning_trainer_args() -> set[str]:
+    """The keyword arguments of ``lightning.Trainer`` a config may pass through ``trainer.<name>``."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    own = {f for f in TrainerConfig.__dataclass_fields__}
+    return {name for name in inspect.signature(Trainer.__init__).parameters if name != "self"} - own
+
+
 @dataclass
 class TrainerConfig:
-    """Run-level settings passed to Lightning's Trainer and the run folder."""
+    """Run-level settings passed to Lightning's Trainer and the run folder.
+
+    Any other ``lightning.Trainer`` argument may be given as ``trainer.<name>`` (e.g.
+    ``trainer.profiler=simple``, ``trainer.detect_anomaly=true``, ``trainer.fast_dev_run=true``); it is
+    checked against the Trainer's signature and kept in ``trainer.lightning``. The ones dlightning must
+    own (:data:`OWNED_TRAINER_ARGS`) are refused with what to set instead.
+    """
+
+    __extra_keys__: ClassVar[tuple[str, Callable[[], set[str]]]] = ("lightning", lightning_trainer_args)
 
     run_dir: str = "runs/default"
     max_steps: int = 1000
@@ -160,9 +198,21 @@ class TrainerConfig:
     """Dtype of the DDP gradient all-reduce: fp32 (exact) or bf16 (half the bytes)."""
     tf32: bool = False
     """Let CUDA matmuls and convolutions use TF32 (Ampere and newer: faster, about 1e-3 relative error)."""
+    callbacks: list[Any] = field(default_factory=list)
+    """Extra Lightning callbacks in LightningCLI's form: ``{class_path: lightning.pytorch.callbacks.EarlyStopping,
+    init_args: {monitor: train/loss, patience: 3}}``; they monitor the ``train/...`` metrics."""
+    lightning: dict[str, Any] = field(default_factory=dict)
+    """Further ``lightning.Trainer`` arguments, passed as they are (``trainer.<name>`` lands here)."""
 
     def __post_init__(self) -> None:
-        check_choice("trainer", "precision", self.precision, ("32-true", "bf16-mixed", "16-mixed", "32"))
+        check_precision(self.precision)
+        for name in self.lightning:
+            if name in OWNED_TRAINER_ARGS:
+                raise ConfigError(f"trainer.{name} is set by dlightning: {OWNED_TRAINER_ARGS[name]}")
+        for i, spec in enumerate(self.callbacks):
+            if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+                raise ConfigError(f"trainer.callbacks.{i} must be {{class_path: module.Class, init_args: {{...}}}}, "
+                                  f"got {spec!r}")
         check_choice("trainer", "grad_sync", self.grad_sync, ("auto", "active", "all"))
         check_choice("trainer", "grad_sync_dtype", self.grad_sync_dtype, ("fp32", "bf16"))
         for key in ("max_steps", "devices", "num_nodes", "checkpoint_every", "keep_checkpoints",
@@ -171,7 +221,28 @@ class TrainerConfig:
         check_range("trainer", "seed", self.seed, low=0)
 
 
-DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+"""Lightning precisions the method trains with: the trainable tensors stay fp32 under every one."""
+REFUSED_PRECISIONS = {
+    "bf16-true": "it casts the trainable LoRA tensors to bf16, whose 8-bit mantissa rounds away AdamW updates "
+                 "at the method's learning rates (5e-5 relative steps); use bf16-mixed (frozen parts bf16, "
+                 "trainable tensors fp32)",
+    "16-true": "fp16 weights without loss scaling underflow in the LoRA updates; use 16-mixed or bf16-true",
+    "64-true": "the Stable Diffusion weights and kernels are not made for fp64; use 32-true",
+    "64": "the Stable Diffusion weights and kernels are not made for fp64; use 32-true",
+    "transformer-engine": "Transformer Engine layers are not used by the UNet; use bf16-mixed",
+    "transformer-engine-float16": "Transformer Engine layers are not used by the UNet; use 16-mixed",
+}
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` the method cannot train with, naming why and what to use."""
+    if precision in REFUSED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r}: {REFUSED_PRECISIONS[precision]}")
+    check_choice("trainer", "precision", precision, PRECISIONS)
+
+
+DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")
 
 
 def global_clip_norm(clip_norm: dict[str, float]) -> float:

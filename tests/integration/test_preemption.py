@@ -16,10 +16,27 @@ from helpers.paths import HELPERS
 
 from dlightning.contracts.checkpoint_format import resolve_resume_checkpoint
 from dlightning.errors import ConfigError
-from dlightning.training.preemption import PreemptionCallback, requeue_slurm_job, slurm_requeue_target
+from dlightning.training.preemption import (
+    LATCH,
+    PreemptionCallback,
+    SignalLatch,
+    install_preemption_handlers,
+    requeue_slurm_job,
+    slurm_requeue_target,
+)
 
 TOY = HELPERS / "toy_train.py"
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+
+@pytest.fixture
+def keep_signal_handlers():
+    """The handlers stay installed for the life of a process by design: put the test process's back."""
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    LATCH.clear()
 
 
 def _child_env(bin_dir: Path, **slurm: str) -> dict[str, str]:
@@ -70,7 +87,7 @@ def _preempt_files(run_dir: Path) -> list[Path]:
 
 
 def test_sigusr1_checkpoints_requeues_and_resumes_exactly(
-    tmp_path: Path, stub_scontrol: tuple[Path, Path]
+    tmp_path: Path, stub_scontrol: tuple[Path, Path], keep_signal_handlers: None
 ) -> None:
     bin_dir, scontrol_log = stub_scontrol
     run_dir = tmp_path / "run"
@@ -102,9 +119,9 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(
         import toy_train
     finally:
         sys.path.remove(str(HELPERS))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     reference = toy_train.train(tmp_path / "straight", total)  # the same run without interruption
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # fit leaves no handler behind
+    # the handler stays: SLURM's time-limit warning may still come after training ended
+    assert all(LATCH.is_installed(sig) for sig in SIGNALS)
     for name, tensor in reference.layer.state_dict().items():
         assert torch.equal(final["state_dict"][name], tensor), name
 
@@ -164,7 +181,7 @@ def _fake_trainer(strategy: _FakeStrategy) -> SimpleNamespace:
 
 
 def test_any_rank_signal_stops_all_ranks_at_boundary(tmp_path: Path) -> None:
-    cb = PreemptionCallback(tmp_path)
+    cb = PreemptionCallback(tmp_path, latch=SignalLatch())
     module = SimpleNamespace(optimizer_step=7, at_step_boundary=False)
     trainer = _fake_trainer(_FakeStrategy(others_signalled=True))
     cb._last_step = 7
@@ -178,11 +195,11 @@ def test_any_rank_signal_stops_all_ranks_at_boundary(tmp_path: Path) -> None:
 
 
 def test_boundary_from_counter_when_module_has_no_flag(tmp_path: Path) -> None:
-    cb = PreemptionCallback(tmp_path)
+    cb = PreemptionCallback(tmp_path, latch=SignalLatch())
     module = SimpleNamespace(optimizer_step=3)
     trainer = _fake_trainer(_FakeStrategy(others_signalled=False))
     cb._last_step = 3
-    cb._handle(signal.SIGUSR1, None)
+    cb.latch.handle(signal.SIGUSR1, None)
     cb.on_train_batch_end(trainer, module, None, None, 0)
     assert trainer.saved == []  # counter did not move: not a boundary
     module.optimizer_step = 4
@@ -190,17 +207,43 @@ def test_boundary_from_counter_when_module_has_no_flag(tmp_path: Path) -> None:
     assert trainer.saved == [tmp_path / "preempt-00000004.ckpt"] and trainer.should_stop
 
 
-def test_handler_only_sets_flags_and_handlers_restore(tmp_path: Path) -> None:
+def test_handler_only_records_and_stays_installed(tmp_path: Path, keep_signal_handlers: None) -> None:
+    latch = install_preemption_handlers()
     cb = PreemptionCallback(tmp_path, signals=("SIGUSR1",), requeue_signals=("USR1",))
-    before = signal.getsignal(signal.SIGUSR1)
-    cb.install_handlers()
-    try:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.01)
-        assert cb.signal_received and cb._requeue_requested and not list(tmp_path.iterdir())
-    finally:
-        cb.restore_handlers()
-    assert signal.getsignal(signal.SIGUSR1) == before
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.01)
+    assert cb.signal_received and cb.requeue_requested and not list(tmp_path.iterdir())
+    cb.teardown(None, None, "fit")  # not pre-empted: nothing to requeue, the handler stays
+    assert latch.is_installed(signal.SIGUSR1) and latch.is_installed(signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # a late signal: recorded, nothing else
+    time.sleep(0.01)
+    assert latch.received == {signal.SIGUSR1: 1, signal.SIGTERM: 1}
+    assert install_preemption_handlers().received == {}  # a new run forgets the old signals
+
+
+def test_end_segment_ignores_the_signals_before_it_requeues(tmp_path: Path, stub_scontrol: tuple[Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            keep_signal_handlers: None) -> None:
+    """The requeue SIGTERMs every process of the job, this one included: by then it must be a no-op, and
+    the ignored disposition is what scontrol itself starts with."""
+    bin_dir, scontrol_log = stub_scontrol
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\ngrep SigIgn /proc/self/status >> "{scontrol_log}"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    cb = PreemptionCallback(tmp_path, latch=SignalLatch(), requeue_in_teardown=False)
+    trainer = _fake_trainer(_FakeStrategy(others_signalled=False))
+    trainer.is_global_zero = True
+    cb.latch.handle(signal.SIGUSR1, None)
+    cb.on_train_batch_end(trainer, SimpleNamespace(optimizer_step=5, at_step_boundary=True), None, None, 0)
+    cb.teardown(trainer, None, "fit")
+    assert not scontrol_log.exists()  # requeue_in_teardown=False: the owner ends the segment
+    cb.end_segment()
+    cb.end_segment()  # once only
+    ignored = int(scontrol_log.read_text().split()[1], 16)
+    assert scontrol_log.read_text().count("SigIgn") == 1
+    assert ignored & (1 << (signal.SIGUSR1 - 1)) and ignored & (1 << (signal.SIGTERM - 1))
+    assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in SIGNALS)
 
 
 def test_bad_signal_configuration(tmp_path: Path) -> None:
@@ -210,7 +253,8 @@ def test_bad_signal_configuration(tmp_path: Path) -> None:
         PreemptionCallback(tmp_path, signals=("SIGTERM",), requeue_signals=("SIGUSR1",))
 
 
-def test_failed_requeue_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_requeue_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    keep_signal_handlers: None) -> None:
     """scontrol failing must not look like a clean stop (fit raises on ``requeue_failed``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -220,11 +264,13 @@ def test_failed_requeue_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    cb = PreemptionCallback(tmp_path)
+    cb = PreemptionCallback(tmp_path, latch=SignalLatch())
     trainer = _fake_trainer(_FakeStrategy(others_signalled=False))
     trainer.is_global_zero = True
     module = SimpleNamespace(optimizer_step=5, at_step_boundary=True)
-    cb._handle(signal.SIGUSR1, None)
+    cb.latch.handle(signal.SIGUSR1, None)
     cb.on_train_batch_end(trainer, module, None, None, 0)
-    assert trainer.should_stop and cb.requeue_failed
+    assert trainer.should_stop and not cb.requeue_failed  # the requeue comes at the end of the segment
+    cb.teardown(trainer, module, "fit")
+    assert cb.requeue_failed
 

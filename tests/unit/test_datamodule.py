@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from helpers.shard_sets import write_faulty_set
+from helpers.shard_sets import write_faulty_set, write_good_set
 
 from dlightning.data.config import DataConfig, SourceConfig
 from dlightning.data.datamodule import VSRDataModule
@@ -93,3 +93,51 @@ def test_trainer_reads_rank_and_consumes_batches(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert dm.rank == 0 and dm.world_size == 1
     assert model.seen == [0, 1, 2]  # micro-batch indices continue across epochs
+
+
+def shard_cfg(path, **overrides) -> DataConfig:
+    base = dict(sources=[SourceConfig(path=str(path), weight_consistency=1.0, weight_detail=1.0)], crop_size=32,
+                batch_size=1, num_workers=0, batches_per_epoch=4, seed=3)
+    base.update(overrides)
+    return DataConfig(**base)
+
+
+def _keys(dm: VSRDataModule, count: int) -> list[str]:
+    batches = list(dm.train_dataloader())[:count]
+    dm.set_position(batches[-1]["micro_batch"] + 1)
+    return [k for b in batches for k in b["key"]]
+
+
+def test_indexed_state_records_the_order_and_a_world_size_change_continues_it(tmp_path):
+    """2 ranks x 1 clip for 3 micro-batches, then 1 rank x 1 clip: 12 clips, each exactly once."""
+    clips = write_good_set(tmp_path / "video", name="v", kind="video", num_shards=4, per_shard=3, seed=4)
+    seen, states = [], []
+    for rank in (0, 1):
+        dm = VSRDataModule(shard_cfg(tmp_path / "video"), phase_fn=consistency, rank=rank, world_size=2)
+        seen += _keys(dm, 3)
+        states.append(dm.state_dict())
+    assert states[0]["order"] == {"global_batch": 2, "origin_micro_batch": 0, "origin_positions": [0],
+                                  "slots": [12]}
+    resumed = VSRDataModule(shard_cfg(tmp_path / "video", batches_per_epoch=6), phase_fn=consistency, rank=0,
+                            world_size=1)
+    resumed.load_state_dict(states[0])
+    seen += _keys(resumed, 6)
+    assert sorted(seen) == sorted(clips)
+    assert resumed.state_dict()["order"] == {"global_batch": 1, "origin_micro_batch": 3, "origin_positions": [6],
+                                             "slots": [12]}
+
+
+def test_indexed_resume_with_the_same_global_batch_keeps_the_order(tmp_path):
+    """1 rank x 2 clips resumed as 2 ranks x 1 clip reads the straight run's clips."""
+    write_good_set(tmp_path / "video", name="v", kind="video", num_shards=4, per_shard=3, seed=4)
+    straight = VSRDataModule(shard_cfg(tmp_path / "video", batch_size=2, batches_per_epoch=6), phase_fn=consistency)
+    expected = [b["key"] for b in straight.train_dataloader()]
+    first = VSRDataModule(shard_cfg(tmp_path / "video", batch_size=2), phase_fn=consistency)
+    _keys(first, 2)
+    state = first.state_dict()
+    per_rank = []
+    for rank in (0, 1):
+        dm = VSRDataModule(shard_cfg(tmp_path / "video"), phase_fn=consistency, rank=rank, world_size=2)
+        dm.load_state_dict(state)
+        per_rank.append([b["key"] for b in dm.train_dataloader()])
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == expected[2:6]

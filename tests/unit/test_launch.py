@@ -261,7 +261,7 @@ def test_sbatch_failure_is_one_line_config_error(tmp_path: Path, refusing_sbatch
 def test_cli_submit_failure_exits_2_without_traceback(tmp_path: Path, refusing_sbatch: None,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     code = cli_main(["submit", "--config", str(ROOT / "configs/demo.yaml"), f"trainer.run_dir={tmp_path / 'run'}",
-                     "launch.gpus_per_node=0", "data.backend=synthetic", "validation.every_n_steps=0"])
+                     "data.backend=synthetic", "validation.every_n_steps=0"])
     captured = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in captured.out + captured.err
@@ -275,10 +275,10 @@ def _config_file(tmp_path: Path) -> Path:
 
 # ---- the batch shell's signal handling (bash with a stand-in srun, no SLURM) --------------------------
 
-# The task: writes ready, records each USR1/TERM it gets, exits 0 on USR1 (or 3 after 60 s).
+# The task: writes its pid to ready, records each USR1/TERM it gets, exits 0 on USR1 (or 3 after 60 s).
 TASK = textwrap.dedent(
     """
-    import pathlib, signal, sys, time
+    import os, pathlib, signal, sys, time
     out = pathlib.Path(sys.argv[1])
     got = []
     def handler(sig, frame):
@@ -286,7 +286,7 @@ TASK = textwrap.dedent(
         (out / "got").write_text(" ".join(got))
     signal.signal(signal.SIGUSR1, handler)
     signal.signal(signal.SIGTERM, handler)
-    (out / "ready").write_text("")
+    (out / "ready").write_text(str(os.getpid()))
     t0 = time.time()
     while "SIGUSR1" not in got:
         if time.time() - t0 > 60:
@@ -338,6 +338,14 @@ def test_batch_shell_survives_term_and_forwards_usr1(tmp_path: Path) -> None:
     finally:
         if shell.poll() is None:
             shell.kill()
+        _kill_if_alive(int((out / "ready").read_text()))  # the task outlives a shell that died
     assert shell.returncode == 0, log
     assert (out / "got").read_text() == "SIGUSR1", log  # TERM was not passed on, USR1 was
     assert "batch shell got USR1" in log and "batch shell got TERM" in log
+
+
+def _kill_if_alive(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return

@@ -1,4 +1,5 @@
-"""Training loader: bad data skipped and counted, rank streams, aligned crops, phases, workers."""
+"""Training loader: bad data skipped and counted, the global order (indexed access) and the streams
+(stream access), aligned crops, phases, workers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from helpers.shard_sets import write_faulty_set, write_good_set
 
 from dlightning.data.config import DataConfig, SourceConfig
 from dlightning.data.loader import build_train_dataloader, worker_micro_batches
+from dlightning.data.order import OrderOrigin, SourcePlan
 from dlightning.data.synthetic import SyntheticBatchBuilder
+from dlightning.data.tar_index import index_source, scan_shard
 from dlightning.errors import ConfigError
 
 
@@ -56,10 +59,10 @@ def two_sources(tmp_path_factory):
     return root, video, image
 
 
-@pytest.mark.parametrize("resampled", [False, True])
-def test_faulty_shards_yield_only_whole_samples_and_count_skips(faulty, resampled):
+@pytest.mark.parametrize(("access", "resampled"), [("indexed", False), ("stream", False), ("stream", True)])
+def test_faulty_shards_yield_only_whole_samples_and_count_skips(faulty, access, resampled):
     folder, info = faulty
-    cfg = make_cfg(folder, resampled=resampled, batches_per_epoch=10)
+    cfg = make_cfg(folder, access=access, resampled=resampled, batches_per_epoch=10)
     batches = run_epochs(build_train_dataloader(cfg, phase_fn=always("consistency"), phases=["consistency"]))
     assert len(batches) == 10
     skipped, keys = Counter(), []
@@ -83,7 +86,7 @@ def test_faulty_shards_yield_only_whole_samples_and_count_skips(faulty, resample
 
 def test_ranks_draw_different_resampled_streams_of_equal_length(two_sources):
     root, _, _ = two_sources
-    cfg = make_cfg(root / "video", resampled=True, batches_per_epoch=5)
+    cfg = make_cfg(root / "video", access="stream", resampled=True, batches_per_epoch=5)
     per_rank = [run_epochs(build_train_dataloader(cfg, rank=r, world_size=2, phase_fn=always("consistency"),
                                                   phases=["consistency"])) for r in (0, 1)]
     assert [len(b) for b in per_rank] == [5, 5]
@@ -94,7 +97,7 @@ def test_ranks_draw_different_resampled_streams_of_equal_length(two_sources):
 
 def test_split_by_node_gives_disjoint_shards(two_sources):
     root, video, _ = two_sources
-    cfg = make_cfg(root / "video", resampled=False, batches_per_epoch=6)
+    cfg = make_cfg(root / "video", access="stream", resampled=False, batches_per_epoch=6)
     shards_seen = []
     for rank in (0, 1):
         loader = build_train_dataloader(cfg, rank=rank, world_size=2, phase_fn=always("consistency"),
@@ -107,7 +110,7 @@ def test_split_by_node_gives_disjoint_shards(two_sources):
 
 def test_split_by_node_needs_enough_shards(two_sources):
     root, _, _ = two_sources
-    cfg = make_cfg(root / "image", resampled=False, num_streams=2)
+    cfg = make_cfg(root / "image", access="stream", resampled=False, num_streams=2)
     with pytest.raises(ConfigError, match=r"data\.sources\.0\.path"):
         build_train_dataloader(cfg, rank=0, world_size=2, phase_fn=always("consistency"),
                                phases=["consistency"])
@@ -172,7 +175,7 @@ def test_few_shards_warn_in_resampled_mode(two_sources):
     logger = logging.getLogger("dlightning.data.loader")
     logger.addHandler(handler)
     try:
-        cfg = make_cfg(root / "image", resampled=True, num_streams=2)  # 2 shards < 2 ranks x 2 streams
+        cfg = make_cfg(root / "image", access="stream", resampled=True, num_streams=2)  # 2 shards < 2 x 2
         build_train_dataloader(cfg, rank=1, world_size=2, phase_fn=always("consistency"),
                                phases=["consistency"])
     finally:
@@ -227,7 +230,7 @@ def test_worker_micro_batches_cover_each_epoch_exactly():
 
 def test_resume_count_draws_a_fresh_stream(two_sources):
     root, _, _ = two_sources
-    cfg = make_cfg(root / "video", batches_per_epoch=4)
+    cfg = make_cfg(root / "video", access="stream", batches_per_epoch=4)
     keys = [[k for b in build_train_dataloader(cfg, phase_fn=always("consistency"), phases=["consistency"],
                                                   resume_count=r) for k in b["key"]] for r in (0, 0, 1)]
     assert keys[0] == keys[1] and keys[0] != keys[2]
@@ -252,3 +255,119 @@ def test_synthetic_backend_is_a_pure_function_of_seed_rank_and_index():
 def test_config_rejects_streams_not_multiple_of_workers():
     with pytest.raises(ConfigError, match="num_streams"):
         DataConfig(num_workers=2, num_streams=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexed access: the tar index and the global sample order
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_tar_index_matches_tarfile_and_reads_the_stored_bytes(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    clips = write_good_set(tmp_path / "set", name="set", kind="video", num_shards=1, per_shard=3, seed=5)
+    long_key = "k" * 120  # longer than a ustar name field: tarfile writes a pax header, the fallback reads it
+    with wds.TarWriter(str(tmp_path / "long.tar"), mtime=0) as sink:
+        sink.write({"__key__": long_key, "meta.json": b"{}", "hr_000.png": b"x" * 700})
+    for shard in (tmp_path / "set" / "set-000000.tar", tmp_path / "long.tar"):
+        with tarfile.open(shard) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        scan = scan_shard(shard)
+        assert scan.fault is None and scan.members == expected
+    index = index_source([str(tmp_path / "set" / "set-000000.tar"), str(tmp_path / "long.tar")])
+    assert index.keys == sorted(clips) + [long_key] and not index.faults
+    sample = index.read(3)
+    assert sample["__key__"] == long_key and sample["hr_000.png"] == b"x" * 700 and sample["meta.json"] == b"{}"
+    first = index.read(0)
+    hr, _, _ = clips[index.keys[0]]
+    assert cv2.imdecode(np.frombuffer(first["hr_000.png"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1].tolist() == \
+        hr[0].tolist()
+
+
+def test_tar_index_turns_damage_into_fault_slots(faulty):
+    folder, info = faulty
+    index = index_source([str(folder / f"video-{i:06d}.tar") for i in range(4)])
+    reasons = sorted(reason for reason, _ in index.faults.values())
+    assert reasons == ["empty_shard", "tar_error"]  # the zero-byte shard; the shard cut inside a member
+    assert set(info["valid"]) <= set(index.keys) and len(index) == 3 + 3 + 5 + 2
+
+
+def test_indexed_epoch_reads_every_sample_once_in_a_fresh_order(two_sources):
+    root, video, _ = two_sources  # 12 clips
+    cfg = make_cfg(root / "video", batches_per_epoch=6)  # 6 x 2 clips = one epoch of the source
+    epochs = run_epochs(build_train_dataloader(cfg, phase_fn=always("consistency"), phases=["consistency"]), 3)
+    orders = [keys_of(epochs[i * 6:(i + 1) * 6]) for i in range(3)]
+    for order in orders:
+        assert sorted(order) == sorted(video)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    again = run_epochs(build_train_dataloader(cfg, phase_fn=always("consistency"), phases=["consistency"]), 3)
+    assert keys_of(again) == keys_of(epochs)  # a pure function of the seed
+
+
+def test_indexed_ranks_split_each_global_batch(two_sources):
+    root, video, _ = two_sources
+    cfg = make_cfg(root / "video", batches_per_epoch=3)  # 2 ranks x 3 micro-batches x 2 clips = 12
+    per_rank = [run_epochs(build_train_dataloader(cfg, rank=r, world_size=2, phase_fn=always("consistency"),
+                                                  phases=["consistency"])) for r in (0, 1)]
+    assert [len(b) for b in per_rank] == [3, 3]
+    keys = [keys_of(b) for b in per_rank]
+    assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(video)
+
+
+def test_indexed_batches_depend_on_the_global_batch_not_the_world_size(two_sources):
+    """2 ranks x 1 clip and 1 rank x 2 clips read the same clips, crops and flips per micro-batch."""
+    root, _, _ = two_sources
+    mixed = dict(weights=[(1.0, 0.5), (0.0, 1.0)], batches_per_epoch=8)
+    phase = lambda m: "consistency" if m % 3 else "detail"  # noqa: E731
+    one = run_epochs(build_train_dataloader(make_cfg(root / "video", root / "image", batch_size=2, **mixed),
+                                            phase_fn=phase))
+    two = [run_epochs(build_train_dataloader(make_cfg(root / "video", root / "image", batch_size=1, **mixed),
+                                             rank=r, world_size=2, phase_fn=phase)) for r in (0, 1)]
+    for m, batch in enumerate(one):
+        assert batch["key"] == two[0][m]["key"] + two[1][m]["key"]
+        assert torch.equal(batch["hr"], torch.cat([two[0][m]["hr"], two[1][m]["hr"]]))
+    assert {k for b in one for k in b["kind"]} == {"video", "image"}
+
+
+def test_indexed_resume_continues_the_order_bit_for_bit(two_sources):
+    """A loader started at micro-batch 7 (after any number of resumes, with other workers) yields the
+    straight run's batches from 7 on."""
+    root, _, _ = two_sources
+    kwargs = dict(weights=[(1.0, 0.5), (0.0, 1.0)], batches_per_epoch=7)
+    phase = lambda m: "consistency" if m % 3 else "detail"  # noqa: E731
+    straight = run_epochs(build_train_dataloader(make_cfg(root / "video", root / "image", **kwargs),
+                                                 phase_fn=phase), 2)
+    resumed = run_epochs(build_train_dataloader(make_cfg(root / "video", root / "image", num_workers=2, **kwargs),
+                                                phase_fn=phase, start_micro_batch=7, resume_count=3))
+    for a, b in zip(straight[7:], resumed, strict=True):
+        assert a["micro_batch"] == b["micro_batch"] and a["key"] == b["key"]
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["lq"], b["lq"])
+
+
+def test_indexed_faulty_set_is_the_same_with_workers_and_substitutes_bad_slots(faulty):
+    folder, info = faulty
+    runs = [run_epochs(build_train_dataloader(make_cfg(folder, num_workers=w, batches_per_epoch=7),
+                                              phase_fn=always("consistency"), phases=["consistency"]))
+            for w in (0, 2)]
+    assert keys_of(runs[0]) == keys_of(runs[1])
+    assert [b["skipped"] for b in runs[0]] == [b["skipped"] for b in runs[1]]
+    assert set(keys_of(runs[0])) <= set(info["valid"])
+
+
+def test_source_plan_counts_only_the_micro_batches_of_each_source(two_sources):
+    root, _, _ = two_sources
+    cfg = make_cfg(root / "video", root / "image", weights=[(1.0, 1.0), (0.0, 1.0)])
+    plan = SourcePlan(cfg, lambda m: "consistency" if m < 3000 else "detail")
+    sources = [plan.source(m) for m in range(5000)]
+    assert set(sources[:3000]) == {0} and set(sources[3000:]) == {0, 1}
+    for m in (0, 1, 1023, 1024, 2500, 4999):
+        assert plan.counts_before(m).tolist() == [sources[:m].count(0), sources[:m].count(1)]
+    origin = OrderOrigin().rebased(plan, 2, 4000)  # 2 clips per micro-batch up to 4000, then any other size
+    assert list(origin.positions) == [2 * sources[:4000].count(0), 2 * sources[:4000].count(1)]
+    assert origin.positions_at(plan, 3, 4100).tolist() == [
+        origin.positions[s] + 3 * sources[4000:4100].count(s) for s in (0, 1)]
