@@ -112,5 +112,5 @@ def _export_and_upscale(out: Path, cfg: RootConfig) -> dict[str, Path]:
     sample = write_demo_video(out / "sample_lq.mp4")
     video = out / "upscaled.mp4"
     # The reference enlarges inputs below 128 px first; the demo's toy model is kept small instead.
-    upscale_exported(export_dir, sample, video, UpscaleConfig(min_short_side=32))
+    upscale_exported(export_dir, sample, video, UpscaleConfig(min_short_side=32), overwrite=True)  # the demo owns --out
     return {"export": export_dir, "sample": sample, "video": video}

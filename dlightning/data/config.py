@@ -56,9 +56,9 @@ class DataConfig:
     construction). False: each rank reads a disjoint shard subset (split by node, then by stream), each
     stream cycling through its shards in a fresh random order every pass."""
     num_streams: int = 0
-    """Stream access only. Independent sample streams per rank and source (0 = max(1, num_workers)). Micro-batch m is drawn
-    from stream m % num_streams, so batch contents depend on this value and the seeds but not on
-    num_workers; it must be a multiple of num_workers."""
+    """Stream access only. Independent sample streams per rank and source (0 = max(1, num_workers)).
+    Micro-batch m is drawn from stream m % num_streams, so batch contents depend on this value and the
+    seeds but not on num_workers; it must be a multiple of num_workers."""
     max_consecutive_skips: int = 1000
     """Stop with an error after this many bad samples/shards in a row from one source (data unusable)."""
 

@@ -66,6 +66,8 @@ class VSRDataModule(L.LightningDataModule):
         """The checkpoint's order record (None: a fresh run); resolved for this global batch on use."""
         self._origin: tuple[int, OrderOrigin] | None = None
         """(global batch, origin) once resolved."""
+        self._resumed_at = 0
+        """The checkpoint's micro-batch: where a changed global batch takes over the order."""
 
     @property
     def indexed(self) -> bool:
@@ -135,8 +137,8 @@ class VSRDataModule(L.LightningDataModule):
         if old_batch == self.global_batch:
             return origin
         log.info("data: global batch %d -> %d; the sample order continues at micro-batch %d from the same "
-                 "positions", old_batch, self.global_batch, self.micro_batch)
-        return origin.rebased(self._source_plan(), old_batch, self.micro_batch)
+                 "positions", old_batch, self.global_batch, self._resumed_at)
+        return origin.rebased(self._source_plan(), old_batch, self._resumed_at)
 
     def _slots(self) -> list[int] | None:
         return [len(index) for index in self._indexes] if self._indexes is not None else None
@@ -168,6 +170,7 @@ class VSRDataModule(L.LightningDataModule):
         self.micro_batch = int(state_dict["micro_batch"])
         self.resume_count = int(state_dict["resume_count"]) + 1
         self._stored_order, self._origin = state_dict.get("order"), None
+        self._resumed_at = self.micro_batch
         per_rank = state_dict.get("skips_per_rank") or []
         rank = self.rank if self.rank is not None else this_rank()
         self._skips = Counter(per_rank[rank] if rank < len(per_rank) else {})

@@ -60,8 +60,9 @@ def fit_command(overrides: list[str]) -> list[str]:
 
 
 def probe_command(dump: Path, overrides: list[str], *, ranks: int, resume: bool) -> list[str]:
-    """``train_probe.py`` (StepDump on every rank); Lightning starts the second rank itself."""
-    ddp = ["trainer.strategy=ddp", f"trainer.devices={ranks}"] if ranks > 1 else []
+    """``train_probe.py`` (StepDump on every rank); Lightning starts the second rank itself. DDP with one
+    process too: a resume must keep ``trainer.strategy`` (the checkpoint's format)."""
+    ddp = ["trainer.strategy=ddp", f"trainer.devices={ranks}"]
     return [sys.executable, str(HELPERS / "train_probe.py"), "--dump", str(dump),
             *(["--resume"] if resume else []), *overrides, *ddp]
 
@@ -116,9 +117,9 @@ def test_kill_9_and_rerun_on_shards_is_bit_identical(tmp_path, shard_set):
         for proc, _, _ in victims:
             if proc.poll() is None:
                 proc.kill()
-    for (proc, run_dir, step), (_, a, b, _) in zip(victims, runs, strict=True):
+    for proc, run_dir, step in victims:
         assert proc.returncode == -signal.SIGKILL
-        assert newest_step(run_dir / "checkpoints") < N, f"workers {a}: the run ended before the kill; raise N"
+        assert newest_step(run_dir / "checkpoints") < N, f"{run_dir.name} ended before the kill at {step}; raise N"
     finish([start(fit_command(shard_overrides(run_dir, folder, N, workers=b))) for run_dir, _, b, _ in runs])
     finish([straight])
     expected = load_checkpoint(straight_dir / "checkpoints" / step_checkpoint_name(N))

@@ -5,7 +5,7 @@ Layers, lowest first (README "Layout"):
 0. shared contracts and utilities: ``errors``, ``utils``, ``contracts``, ``resources``;
 1. components: ``media``, ``models``, ``losses``, ``degradation``, ``shards``, ``data``, ``metrics``;
 2. components built on those: ``training``, ``inference``, ``export``, ``tracking``, ``launch``;
-3. composition roots: ``config``, ``train``, ``validate``, ``demo``;
+3. composition roots: ``config``, ``resume_check``, ``train``, ``validate``, ``demo``;
 4. the command line: ``cli``, ``__main__``.
 
 Imports inside functions count too. Within a layer the component graph must be acyclic, and the

@@ -371,3 +371,22 @@ def test_source_plan_counts_only_the_micro_batches_of_each_source(two_sources):
     assert list(origin.positions) == [2 * sources[:4000].count(0), 2 * sources[:4000].count(1)]
     assert origin.positions_at(plan, 3, 4100).tolist() == [
         origin.positions[s] + 3 * sources[4000:4100].count(s) for s in (0, 1)]
+
+
+def test_tar_index_detects_a_cut_between_members_and_a_bad_header(tmp_path):
+    write_good_set(tmp_path / "set", name="set", kind="video", num_shards=1, per_shard=3, seed=6)
+    shard = tmp_path / "set" / "set-000000.tar"
+    members = scan_shard(shard).members
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"  # ends right after the data of sample 1: no end-of-archive blocks
+    second = [m for m in members if m[0].startswith("set_00_01.")]
+    cut.write_bytes(data[: (second[-1][1] + second[-1][2] + 511) // 512 * 512])
+    scan = scan_shard(cut)
+    assert scan.fault is not None and scan.fault[0] == "tar_error" and len(scan.members) == len(members) * 2 // 3
+    bad = tmp_path / "bad.tar"  # one flipped byte in the header of the first member of sample 1
+    header = second[0][1] - 512
+    bad.write_bytes(data[:header] + bytes([data[header] ^ 1]) + data[header + 1:])
+    scan = scan_shard(bad)
+    assert scan.fault is not None and "checksum" in scan.fault[1] and len(scan.members) == len(members) // 3
+    index = index_source([str(cut), str(bad)])
+    assert index.keys == ["set_00_00", "set_00_01", "", "set_00_00", ""] and index.num_samples == 3
