@@ -14,9 +14,12 @@ the fix, exit code 2 and no traceback; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dlightning.errors import ConfigError, MissingWeightsError
 from dlightning.utils.logging import get_logger
@@ -276,21 +279,40 @@ VERBS: tuple[Verb, ...] = (
 )
 
 
+def _output_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """``--debug``, ``--quiet``, ``--verbose``: accepted before and after the verb."""
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error", **default)
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors", **default)
+    loud.add_argument("--verbose", "-v", action="store_true", help="debug messages too", **default)
+
+
 def build_parser(prog: str = "dlightning") -> argparse.ArgumentParser:
     """The argument parser with every verb of :data:`VERBS` registered."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    _output_args(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in VERBS:
         p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
         verb.add_arguments(p)
+        _output_args(p, suppress=True)  # a flag after the verb must not reset one given before it
         p.set_defaults(run=verb.run)
     return parser
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    """The level of dlightning's loggers, here and (through the environment) in every rank it starts."""
+    level = "WARNING" if args.quiet else "DEBUG" if args.verbose else None
+    if level is not None:
+        os.environ["DLIGHTNING_LOG_LEVEL"] = level
+        logging.getLogger("dlightning").setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "dlightning") -> int:
     """Entry point of the ``dlightning`` console script; returns the exit code."""
     args = build_parser(prog).parse_args(argv)
+    _set_verbosity(args)
     try:
         return int(args.run(args) or 0)
     except (ConfigError, MissingWeightsError) as err:
