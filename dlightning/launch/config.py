@@ -37,7 +37,8 @@ class LaunchConfig:
     extra_sbatch: list[str] = field(default_factory=list)
     """Extra directives, with or without the ``#SBATCH`` prefix, e.g. ``--exclusive``."""
     signal_seconds: int = 90
-    """SIGUSR1 is sent this many seconds before the time limit; keep it >= 2x the checkpoint save time."""
+    """SIGUSR1 is sent this many seconds before the time limit, or up to 30 s earlier (slurmctld checks every
+    30 s; SLURM documents up to 60 s); keep it >= 2x the checkpoint save time."""
     requeue: bool = True
     """``#SBATCH --requeue``: the pre-emption callback requeues the job, which resumes from run_dir."""
     use_torchrun: bool = False

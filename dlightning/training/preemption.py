@@ -7,9 +7,10 @@ together with ``SLURMEnvironment(auto_requeue=False)`` (see
 :func:`dlightning.training.strategy.build_cluster_plugins`).
 
 Lifetime of the handler: :func:`install_preemption_handlers` runs first thing in ``dlightning fit``,
-before the model is built, and the handler is never put back to the default action: SLURM may send
+before the model is built, and the signals are never put back to their default action: SLURM may send
 its time-limit warning up to a minute early, after training ended, and SIGUSR1's default action
-would turn a finished run into a FAILED job. A signal nobody acts on any more is a no-op.
+would turn a finished run into a FAILED job. When training is over ``fit`` sets them to ``SIG_IGN``
+(:func:`ignore_preemption_signals`): a signal nobody acts on any more is a no-op.
 
 End of a pre-empted segment (:meth:`PreemptionCallback.end_segment`), in this order: the checkpoint
 is already written, the caller has closed its loggers, the pre-emption signals are set to ``SIG_IGN``

@@ -92,7 +92,8 @@ def kill_after_steps(victims: list[tuple[subprocess.Popen, Path, int]], timeout:
             proc, run_dir, step = item
             if newest_step(run_dir / "checkpoints") >= step:
                 os.kill(proc.pid, signal.SIGKILL)
-                proc.communicate()
+                # wait, not communicate: orphaned loader workers keep the stderr pipe open for a while
+                proc.wait()
                 pending.remove(item)
             elif proc.poll() is not None:
                 pytest.fail(f"training exited with {proc.returncode} before step {step}:\n"
@@ -118,6 +119,7 @@ def test_kill_9_and_rerun_on_shards_is_bit_identical(tmp_path, shard_set):
             if proc.poll() is None:
                 proc.kill()
     for proc, run_dir, step in victims:
+        proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL
         assert newest_step(run_dir / "checkpoints") < N, f"{run_dir.name} ended before the kill at {step}; raise N"
     finish([start(fit_command(shard_overrides(run_dir, folder, N, workers=b))) for run_dir, _, b, _ in runs])

@@ -32,8 +32,11 @@ and to stop it inside the last one's."""
 WANDB_OFFLINE = ["logging.backend=wandb", "logging.wandb_mode=offline", "logging.project=dlightning-slurm-test"]
 
 
-def _submit_script(run_dir: Path, max_steps: int, *overrides: str) -> Path:
-    """Render the run's sbatch script the way ``dlightning submit --dry-run`` does; returns its path."""
+def _submit_script(run_dir: Path, max_steps: int, *overrides: str, step_delay: float = 0.0) -> Path:
+    """Render the run's sbatch script the way ``dlightning submit --dry-run`` does; returns its path.
+
+    ``step_delay``: seconds every training batch waits (``step_delay.StepDelay``, from this folder).
+    """
     from dlightning.config import load_config
     from dlightning.train import submit
 
@@ -49,7 +52,10 @@ def _submit_script(run_dir: Path, max_steps: int, *overrides: str) -> Path:
         f" WANDB_DATA_DIR={wandb_home}/data XDG_CACHE_HOME={wandb_home}/xdg WANDB_SILENT=true"
         " WANDB_ERROR_REPORTING=false WANDB_MODE=offline",
         "unset WANDB_API_KEY",
+        f"export PYTHONPATH={shlex.quote(str(Path(__file__).parent))}",  # step_delay.StepDelay
     ]
+    if step_delay:
+        cfg.trainer.callbacks = [{"class_path": "step_delay.StepDelay", "init_args": {"seconds": step_delay}}]
     script = submit(cfg, dry_run=True)
     assert "#SBATCH --gpus" not in script.read_text()
     return script
@@ -164,14 +170,16 @@ def test_sigterm_with_workers_and_wandb_still_checkpoints(slurm_cluster, tmp_pat
 
 @pytest.mark.timeout(CLUSTER_SETUP_S + 330)
 def test_time_limit_warning_requeues_until_the_run_completes(slurm_cluster, tmp_path):
-    """``--time=1`` with ``--signal=SIGUSR1@40``: SLURM checks limits every 30 s, so the warning comes
-    10-40 s before the limit; each segment checkpoints, requeues and the next one resumes, until the
-    run is done. 60 steps take longer than one segment can train."""
+    """``--time=1`` with ``--signal=SIGUSR1@10``: slurmctld checks every 30 s and signals once fewer than
+    N + 30 s are left, so the warning comes 20-50 s after the start (10-40 s before the limit; a larger N
+    would send it at the first check, often during start-up). Each segment checkpoints, requeues, and the
+    next one resumes, until the run is done. 34 steps of at least 1.3 s take longer than one segment can
+    train (50 s minus the start-up), so at least one requeue is needed; usually one or two."""
     run_dir = tmp_path / "run"
-    max_steps = 60
-    script = _submit_script(run_dir, max_steps, "optim.accumulate=1", "launch.time=1", "launch.signal_seconds=40",
-                            "trainer.checkpoint_every=10")
-    assert "#SBATCH --time=1\n" in script.read_text() and "#SBATCH --signal=SIGUSR1@40\n" in script.read_text()
+    max_steps = 34
+    script = _submit_script(run_dir, max_steps, "optim.accumulate=1", "launch.time=1", "launch.signal_seconds=10",
+                            "trainer.checkpoint_every=10", step_delay=1.0)
+    assert "#SBATCH --time=1\n" in script.read_text() and "#SBATCH --signal=SIGUSR1@10\n" in script.read_text()
     job = slurm_cluster.submit(script)
     state = slurm_cluster.wait(job, timeout=300)
     info, log = slurm_cluster.job_info(job), _log(run_dir)

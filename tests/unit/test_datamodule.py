@@ -1,4 +1,5 @@
-"""VSRDataModule: resume position, bit-exact synthetic resume, skip aggregation, schedule phases."""
+"""VSRDataModule: resume position, bit-exact synthetic resume, the indexed order across world-size changes,
+skip aggregation, schedule phases."""
 
 from __future__ import annotations
 
