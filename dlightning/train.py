@@ -27,7 +27,6 @@ from dlightning.training.module import DLoRALModule
 from dlightning.training.preemption import (
     PreemptionCallback,
     find_preemption_callback,
-    ignore_preemption_signals,
     install_preemption_handlers,
 )
 from dlightning.training.progress import StepProgress
@@ -199,9 +198,6 @@ def _end_segment(trainer: L.Trainer) -> None:
     preemption = find_preemption_callback(trainer.callbacks)
     preempted = preemption is not None and preemption.preempted
     finish_tracking(trainer, shutdown=preempted)
-    # Training is over: a late signal (SLURM's time-limit warning may come a minute early) is a no-op,
-    # also while Python shuts down, when it would otherwise kill the process.
-    ignore_preemption_signals()
     if preemption is None:
         return
     preemption.end_segment()

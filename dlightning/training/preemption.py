@@ -9,14 +9,15 @@ together with ``SLURMEnvironment(auto_requeue=False)`` (see
 Lifetime of the handler: :func:`install_preemption_handlers` runs first thing in ``dlightning fit``,
 before the model is built, and the signals are never put back to their default action: SLURM may send
 its time-limit warning up to a minute early, after training ended, and SIGUSR1's default action
-would turn a finished run into a FAILED job. When training is over ``fit`` sets them to ``SIG_IGN``
-(:func:`ignore_preemption_signals`): a signal nobody acts on any more is a no-op.
+would turn a finished run into a FAILED job. A signal nobody acts on any more is a no-op, also while
+the interpreter shuts down: Python puts its handlers back to the default action then, so an exit hook
+sets the signals to ``SIG_IGN`` first (only at exit: children started later would inherit it).
 
 End of a pre-empted segment (:meth:`PreemptionCallback.end_segment`), in this order: the checkpoint
 is already written, the caller has closed its loggers, the pre-emption signals are set to ``SIG_IGN``
 and then rank 0 runs ``scontrol requeue``. The requeue sends SIGTERM to every process of the job at
 once, so it must be the last thing the segment does, and the ignored signals keep that SIGTERM from
-cutting the exit short (Python puts its own handlers back to the default while it shuts down).
+cutting the exit short.
 
 Contract with the LightningModule: ``pl_module.optimizer_step`` is an int counting completed optimizer
 steps. A batch end is a step boundary when ``pl_module.at_step_boundary`` is True if the module defines
@@ -27,6 +28,8 @@ the same boundaries (they step in lockstep), which is where the collective agree
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import signal
@@ -151,15 +154,22 @@ def install_preemption_handlers(signals: Sequence[str | int] = PREEMPTION_SIGNAL
     recorded, acted on at the first step boundary, and never kills the process.
     """
     LATCH.clear()
-    LATCH.install(_signal_from_name(s) for s in signals)
+    if LATCH.install(_signal_from_name(s) for s in signals):
+        _ignore_at_exit()
     return LATCH
 
 
+@functools.cache
+def _ignore_at_exit() -> None:
+    """Register, once, the exit hook that ignores the signals before Python resets its handlers."""
+    atexit.register(ignore_preemption_signals)
+
+
 def ignore_preemption_signals(signals: Iterable[signal.Signals] = PREEMPTION_SIGNALS) -> None:
-    """Set ``signals`` to ``SIG_IGN`` for the rest of the process: its segment is over.
+    """Set ``signals`` to ``SIG_IGN`` for the rest of the process: it is exiting, or its segment is over.
 
     Ignored dispositions survive the interpreter's shutdown (which resets Python-level handlers to the
-    default action) and are inherited by children such as ``scontrol``.
+    default action) and are inherited by children, such as ``scontrol``.
     """
     if not _in_main_thread():
         return
@@ -228,7 +238,8 @@ class PreemptionCallback(Callback):
 
     def install_handlers(self) -> None:
         """Make the latch the handler of the signals again (main thread only), replacing Lightning's."""
-        self.latch.install(self.signals)
+        if self.latch.install(self.signals):
+            _ignore_at_exit()
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -221,6 +221,22 @@ def test_handler_only_records_and_stays_installed(tmp_path: Path, keep_signal_ha
     assert install_preemption_handlers().received == {}  # a new run forgets the old signals
 
 
+def test_signals_are_ignored_while_python_shuts_down() -> None:
+    """Python resets its signal handlers to the default action late in its shutdown, where a USR1 would
+    kill a finished run; an exit hook ignores them before. The checker registered first runs last."""
+    code = (
+        "import atexit, signal\n"
+        "atexit.register(lambda: print(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,"
+        " signal.getsignal(signal.SIGTERM) == signal.SIG_IGN))\n"
+        "from dlightning.training.preemption import LATCH, install_preemption_handlers\n"
+        "install_preemption_handlers()\n"
+        "print(LATCH.is_installed(signal.SIGUSR1), LATCH.is_installed(signal.SIGTERM))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"] * 4
+
+
 def test_end_segment_ignores_the_signals_before_it_requeues(tmp_path: Path, stub_scontrol: tuple[Path, Path],
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             keep_signal_handlers: None) -> None:
