@@ -153,6 +153,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    from dlightning.utils.signals import arm_preemption_signals
+
+    arm_preemption_signals()  # before the heavy imports: a SLURM signal now must not kill the job
     from dlightning.config import load_config
     from dlightning.train import fit
 

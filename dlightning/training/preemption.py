@@ -34,10 +34,8 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -46,12 +44,10 @@ from dlightning.contracts.checkpoint_format import step_checkpoint_name
 from dlightning.errors import ConfigError
 from dlightning.training.checkpointing import ensure_dlightning_block, read_optimizer_step, save_checkpoint_atomically
 from dlightning.utils.logging import get_logger
+from dlightning.utils.signals import LATCH, PREEMPTION_SIGNALS, SignalLatch, in_main_thread
 
 log = get_logger(__name__)
 
-PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
-"""SIGUSR1: SLURM's warning before the time limit (``--signal``) or ``scancel --signal=USR1``;
-SIGTERM: ``scancel``, pre-emption, the time limit itself and ``scontrol requeue``."""
 
 
 def slurm_requeue_target(env: dict[str, str] | None = None) -> str | None:
@@ -101,59 +97,17 @@ def _signal_from_name(name: str | int | signal.Signals) -> signal.Signals:
         raise ConfigError(f"unknown signal {name!r}; use a name such as 'SIGUSR1' or 'SIGTERM'") from None
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-class SignalLatch:
-    """Process-wide record of the pre-emption signals received since the current run began.
-
-    The handler only records: no I/O, no collectives, nothing that could run in the middle of a
-    backward pass or a checkpoint write. Whoever acts on a signal reads :attr:`received`.
-    """
-
-    def __init__(self) -> None:
-        self.received: dict[signal.Signals, int] = {}
-        """Signal -> how many times it arrived since :meth:`clear`."""
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        """The signal handler: count the signal."""
-        sig = signal.Signals(signum)
-        self.received[sig] = self.received.get(sig, 0) + 1
-
-    def got_any(self, signals: Iterable[signal.Signals]) -> bool:
-        """Whether one of ``signals`` arrived since the last :meth:`clear`."""
-        return any(sig in self.received for sig in signals)
-
-    def clear(self) -> None:
-        """Forget the signals received so far (a new run starts)."""
-        self.received = {}
-
-    def install(self, signals: Iterable[signal.Signals] = PREEMPTION_SIGNALS) -> bool:
-        """Make :meth:`handle` the handler of ``signals``; False (and a warning) outside the main thread."""
-        if not _in_main_thread():
-            log.warning("Not in the main thread: pre-emption signals will not be caught")
-            return False
-        for sig in signals:
-            signal.signal(sig, self.handle)
-        return True
-
-    def is_installed(self, sig: signal.Signals) -> bool:
-        """Whether this latch is the current handler of ``sig``."""
-        return signal.getsignal(sig) == self.handle
-
-
-LATCH = SignalLatch()
-"""The latch of this process: installed by :func:`install_preemption_handlers`, read by the callback."""
-
-
 def install_preemption_handlers(signals: Sequence[str | int] = PREEMPTION_SIGNALS) -> SignalLatch:
-    """Catch the pre-emption signals from now until the process exits; forget earlier ones.
+    """Catch the pre-emption signals from now until the process exits; forget earlier runs' signals.
 
-    Call it first thing when a run starts (``dlightning fit`` does), so a signal during start-up is
-    recorded, acted on at the first step boundary, and never kills the process.
+    Call it first thing when a run starts (``fit`` does), so a signal during start-up is recorded,
+    acted on at the first step boundary, and never kills the process. Signals caught since the
+    command line armed the latch (:func:`dlightning.utils.signals.arm_preemption_signals`, before the
+    heavy imports) belong to this run and are kept.
     """
-    LATCH.clear()
+    if not LATCH.armed:
+        LATCH.clear()
+    LATCH.armed = False
     if LATCH.install(_signal_from_name(s) for s in signals):
         _ignore_at_exit()
     return LATCH
@@ -171,7 +125,7 @@ def ignore_preemption_signals(signals: Iterable[signal.Signals] = PREEMPTION_SIG
     Ignored dispositions survive the interpreter's shutdown (which resets Python-level handlers to the
     default action) and are inherited by children, such as ``scontrol``.
     """
-    if not _in_main_thread():
+    if not in_main_thread():
         return
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)

@@ -212,3 +212,19 @@ def test_requeue_comes_last_after_wandb_closed_its_segment(tmp_path: Path,
     assert segment.run_id == (run_dir / "wandb_run_id").read_text().strip()
     assert segment.exit_code == 0  # finished before the requeue, not cut off by it
     assert segment.history, "the segment's metrics are in the offline run"
+
+
+def test_sigusr1_during_the_imports_does_not_kill_the_job(tmp_path: Path,
+                                                          stub_scontrol: tuple[Path, Path]) -> None:
+    """The command line arms the latch before importing torch and Lightning (seconds of start-up), so a
+    USR1 that arrives then is kept for the run: a checkpoint at the first step and one requeue."""
+    bin_dir, scontrol_log = stub_scontrol
+    run_dir = tmp_path / "run"
+    proc = _start_fit(run_dir, _env(tmp_path, bin_dir, **SLURM_JOB), 20)
+    time.sleep(1.0)  # torch and Lightning are still being imported: nothing of the run exists yet
+    assert not (run_dir / "config.yaml").exists()
+    proc.send_signal(signal.SIGUSR1)
+    err = _finish(proc)
+    assert proc.returncode == 0, f"exit {proc.returncode} (-10: killed by SIGUSR1)\n{err[-4000:]}"
+    assert [p.name for p in _preempt_files(run_dir)] == ["preempt-00000001.ckpt"]
+    assert scontrol_log.read_text().splitlines() == ["requeue 4242"]
