@@ -118,13 +118,17 @@ def check_keys(user: Any, cls: type, prefix: str = "") -> None:
         if typing.get_origin(annotation) is dict:
             continue
         sub = _element_dataclass(annotation)
-        if sub is None:
-            continue
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                check_keys(item, sub, f"{path}.{i}.")
-        else:
-            check_keys(value, sub, f"{path}.")
+        if sub is not None:
+            _check_nested(value, sub, path)
+
+
+def _check_nested(value: Any, sub: type, path: str) -> None:
+    """Check a section value: one dict of ``sub``, or a list of them (items addressed by index)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_keys(item, sub, f"{path}.{i}.")
+    else:
+        check_keys(value, sub, f"{path}.")
 
 
 # ------------------------------------------------------------------------------------------ overrides
@@ -207,13 +211,8 @@ def _check_value_keys(cls: Any, key: str, value: Any) -> None:
     """Check the keys inside a composite override value (``key=[{...}]`` or ``key={...}``)."""
     annotation = _target_annotation(cls, key)
     sub = _element_dataclass(annotation) if annotation is not None else None
-    if sub is None or typing.get_origin(annotation) is dict:
-        return
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            check_keys(item, sub, f"{key}.{i}.")
-    else:
-        check_keys(value, sub, f"{key}.")
+    if sub is not None and typing.get_origin(annotation) is not dict:
+        _check_nested(value, sub, key)
 
 
 def apply_override(merged: DictConfig, item: str) -> None:
