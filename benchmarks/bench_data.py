@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     common = ["--results", args.results] if args.results else []
     common += ["--no-append"] if args.no_append else []
-    loader = ["--clips", "4", "--batches", "3", "--workers", "0"] if args.quick else []
+    loader = ["--clips", "4", "--batches", "3", "--workers", "0", "--online", "realesrgan"] if args.quick else []
     prep = ["--clips", "1"] if args.quick else []
     bench_loader.main(loader + common)
     bench_data_prep.main(prep + common)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from dlightning.contracts.config_io import check_choice
 from dlightning.errors import ConfigError
 
+LQ_MODES: tuple[str, ...] = ("baked", "online")
+ONLINE_CODEC_MODES: tuple[str, ...] = ("cpu", "skip")
+"""How a video-codec step drawn by an online recipe runs: on the host with PyAV, or left out (1.8)."""
+
 
 @dataclass
 class SourceConfig:
@@ -17,10 +21,21 @@ class SourceConfig:
     """Mixing weight of this source in the consistency phase (0 = never)."""
     weight_detail: float = 0.0
     """Mixing weight of this source in the detail phase (0 = never)."""
+    lq: str = "baked"
+    """baked: the LQ frames stored in the shards; online: the loader reads HR only and the LQ is made on
+    the training device each time a clip is read, with fresh parameters per (seed, sample, epoch)
+    (docs/DATA.md 1.8). A shard set built with ``lq=online`` holds no LQ and needs ``online``."""
+    preset: str = ""
+    """Online LQ only: the degradation preset (realesrgan / dloral_mild / video); '' takes the recipe
+    recorded in the shard set's manifest (the build's ``degradation`` section)."""
 
     def __post_init__(self) -> None:
         if self.weight_consistency < 0 or self.weight_detail < 0:
             raise ConfigError("data.sources[].weight_consistency / weight_detail must be >= 0")
+        check_choice("data.sources[]", "lq", self.lq, LQ_MODES)
+        if self.preset and self.lq != "online":
+            raise ConfigError(f"data.sources[].preset={self.preset!r} applies to online LQ only; set "
+                              "data.sources[].lq=online with it, or leave preset empty for baked LQ")
 
 
 @dataclass
@@ -61,10 +76,14 @@ class DataConfig:
     seeds but not on num_workers; it must be a multiple of num_workers."""
     max_consecutive_skips: int = 1000
     """Stop with an error after this many bad samples/shards in a row from one source (data unusable)."""
+    online_codec: str = "cpu"
+    """Sources with ``lq=online`` whose recipe draws a video codec (the ``video`` preset): cpu runs the
+    PyAV codec on the host between the device steps (the offline codec exactly); skip leaves it out."""
 
     def __post_init__(self) -> None:
         check_choice("data", "backend", self.backend, ("shards", "synthetic"))
         check_choice("data", "access", self.access, ("indexed", "stream"))
+        check_choice("data", "online_codec", self.online_codec, ONLINE_CODEC_MODES)
         if self.frames < 2:
             raise ConfigError("data.frames must be >= 2 (the generator needs a previous frame)")
         if self.crop_size % (self.scale * 8):

@@ -13,6 +13,10 @@ resumed micro-batch, so the same global order continues from the same position (
 ``resume_count`` grows by one per restore; only the stream access folds it into its stream seeds (a
 resumed stream draws fresh data, docs/DATA.md 0.4). The synthetic backend resumes bit for bit.
 
+Online LQ (docs/DATA.md 1.8): a batch from a source with ``lq=online`` carries its clips' degradation
+parameters instead of ``lq``; ``on_after_batch_transfer`` degrades the HR clips on the training device
+and sets ``batch["lq"]`` before the LightningModule sees the batch.
+
 Skip counts: every batch carries ``batch["skipped"]`` (counts since the worker's previous batch);
 ``on_before_batch_transfer`` pops it in the main process and adds it to ``skip_counts()``. Lightning
 prefers this datamodule hook over a LightningModule hook of the same name.
@@ -30,8 +34,10 @@ from torch.utils.data import DataLoader
 from dlightning.contracts.phases import PHASES, PhaseFn
 from dlightning.data.config import DataConfig
 from dlightning.data.loader import build_train_dataloader, check_phase_weights, index_shard_sets, load_shard_urls
+from dlightning.data.online import apply_online_degradation, source_recipes
 from dlightning.data.order import OrderOrigin, SourcePlan
 from dlightning.data.tar_index import SourceIndex
+from dlightning.degradation.presets import DegradationPreset
 from dlightning.utils.distributed import gather_from_ranks, this_rank
 from dlightning.utils.logging import get_logger
 
@@ -60,6 +66,7 @@ class VSRDataModule(L.LightningDataModule):
         self._skips: Counter[str] = Counter()
         self._shard_urls: list[list[str]] | None = None
         self._indexes: list[SourceIndex] | None = None
+        self._recipes: list[DegradationPreset | None] | None = None
         self._checked_world_size: int | None = None
         self._plan: SourcePlan | None = None
         self._stored_order: dict[str, Any] | None = None
@@ -80,6 +87,7 @@ class VSRDataModule(L.LightningDataModule):
         check_phase_weights(self.cfg, self.phases)
         if self.cfg.backend == "shards":
             self._shard_urls = load_shard_urls(self.cfg, world_size=world_size)
+            self._recipes = source_recipes(self.cfg)
             if self.indexed:
                 self._indexes = index_shard_sets(self.cfg, self._shard_urls)
         self._checked_world_size = world_size
@@ -101,7 +109,8 @@ class VSRDataModule(L.LightningDataModule):
         return build_train_dataloader(self.cfg, rank=self.rank or 0, world_size=self.world_size or 1,
                                       phase_fn=self.phase_fn, phases=self.phases,
                                       start_micro_batch=self.micro_batch, resume_count=self.resume_count,
-                                      shard_urls=self._shard_urls, indexes=self._indexes, **order)
+                                      shard_urls=self._shard_urls, indexes=self._indexes, recipes=self._recipes,
+                                      **order)
 
     @property
     def global_batch(self) -> int:
@@ -180,6 +189,10 @@ class VSRDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "skipped" in batch:
             self.record_skips(batch.pop("skipped"))
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Make the LQ of an online-LQ batch on the device the batch now lives on (docs/DATA.md 1.8)."""
+        return apply_online_degradation(batch, scale=self.cfg.scale, codec=self.cfg.online_codec)
 
     def record_skips(self, skipped: dict[str, int]) -> None:
         """Add one batch's skip counts to the totals."""

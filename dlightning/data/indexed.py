@@ -6,8 +6,10 @@ slot of the source's tar index (``dlightning.data.tar_index``). A slot that cann
 slot, a sample missing fields, an undecodable or mismatched frame) is counted and replaced by the
 next position's slot, then the next, until one decodes: the substitute is a function of the position,
 so the batch still is. Window, crop and flips of position p use a generator seeded by
-(data seed, source, p). A batch is therefore a function of (seed, m, rank, global batch, order origin)
-and the shard sets, whichever worker builds it and however often the run was resumed.
+(data seed, source, p); an online-LQ source draws its degradation parameters from a seed of
+(data seed, source, epoch, slot of p) (docs/DATA.md 1.8). A batch is therefore a function of
+(seed, m, rank, global batch, order origin) and the shard sets, whichever worker builds it and however
+often the run was resumed.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import numpy as np
 
 from dlightning.data.config import DataConfig
 from dlightning.data.loader import SkipCounter, prepare_clip, validated_sample
-from dlightning.data.order import TAG_CLIP, EpochOrder, OrderOrigin, SourcePlan
+from dlightning.data.online import source_recipes
+from dlightning.data.order import TAG_CLIP, TAG_DEGRADE, EpochOrder, OrderOrigin, SourcePlan
 from dlightning.data.tar_index import SourceIndex
 from dlightning.data.transforms import SampleError, collate_clips, derive_seed
+from dlightning.degradation.presets import DegradationPreset
 
 
 class IndexedBatchBuilder:
@@ -31,11 +35,13 @@ class IndexedBatchBuilder:
         origin: Where the current global batch took over the order.
         rank: This rank.
         world_size: Number of ranks.
+        recipes: Per source, its online-LQ recipe or None (``source_recipes``; read from the config if None).
     """
 
     def __init__(self, cfg: DataConfig, indexes: list[SourceIndex], *, plan: SourcePlan, origin: OrderOrigin,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, recipes: list[DegradationPreset | None] | None = None) -> None:
         self.cfg, self.indexes, self.plan, self.origin = cfg, indexes, plan, origin
+        self.recipes = recipes if recipes is not None else source_recipes(cfg)
         self.rank, self.global_batch = rank, world_size * cfg.batch_size
         self.order = EpochOrder(cfg.seed, [len(index) for index in indexes])
         self.counter = SkipCounter(cfg.max_consecutive_skips)
@@ -55,7 +61,12 @@ class IndexedBatchBuilder:
 
     def _clip(self, source: int, position: int) -> dict:
         """The clip of ``position``: its slot's sample, or the first usable one after it."""
-        index = self.indexes[source]
+        index, recipe = self.indexes[source], self.recipes[source]
+        # the position's own epoch and slot: a substitute (below) still gets this position's draw
+        online = None
+        if recipe is not None:
+            epoch, slot = self.order.epoch_of(source, position), self.order.slot(source, position)
+            online = (recipe, derive_seed(self.cfg.seed, TAG_DEGRADE, source, epoch, slot))
         candidate = position
         while True:
             slot = self.order.slot(source, candidate)
@@ -63,7 +74,8 @@ class IndexedBatchBuilder:
             # how many draws a failed try made
             rng = np.random.default_rng(derive_seed(self.cfg.seed, TAG_CLIP, source, position))
             try:
-                clip = prepare_clip(validated_sample(index.read(slot), self.cfg.frames), self.cfg, rng)
+                sample = validated_sample(index.read(slot), self.cfg.frames, lq=recipe is None)
+                clip = prepare_clip(sample, self.cfg, rng, online)
             except SampleError as err:
                 self.counter.add(err.reason, f"{index.describe(slot)}: {err}")
                 candidate += 1

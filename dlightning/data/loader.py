@@ -57,6 +57,7 @@ from dlightning.contracts.shard_format import (
     read_manifest,
 )
 from dlightning.data.config import DataConfig
+from dlightning.data.online import DEGRADATION_KEY, draw_degradation, source_recipes
 from dlightning.data.order import OrderOrigin, SourcePlan, checked_phase
 from dlightning.data.tar_index import SourceIndex, index_source
 from dlightning.data.transforms import (
@@ -70,6 +71,7 @@ from dlightning.data.transforms import (
     stack_frames,
     to_tensor,
 )
+from dlightning.degradation.presets import DegradationPreset
 from dlightning.errors import ConfigError
 from dlightning.utils.logging import get_logger
 
@@ -78,8 +80,8 @@ log = get_logger(__name__)
 PHASES = ("consistency", "detail")
 PhaseFn = Callable[[int], str]
 
-# Purpose tags keep the seeds of different random decisions independent.
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_BATCH = 1, 2, 3
+# Purpose tags keep the seeds of different random decisions independent (order.py uses 5-8, synthetic 4).
+_TAG_SHARDS, _TAG_SHUFFLE, _TAG_BATCH, _TAG_DEGRADE = 1, 2, 3, 9
 
 
 class SkipCounter:
@@ -242,21 +244,24 @@ def _weight(source, phase: str) -> float:
 # Per-sample steps
 
 
-def validate_samples(src: Iterator[dict], *, counter: SkipCounter, min_frames: int) -> Iterator[dict]:
+def validate_samples(src: Iterator[dict], *, counter: SkipCounter, min_frames: int,
+                     lq: bool = True) -> Iterator[dict]:
     """Pipeline stage: drop samples lacking meta.json or any of their num_frames HR/LQ PNGs.
 
     A truncated tar can yield a sample with its last fields missing (docs/DATA.md 2.2); such samples are
     counted as ``missing_field`` and never passed on. Adds the parsed meta as ``sample["__meta__"]``.
+    ``lq=False`` (online LQ) requires the HR frames only.
     """
     for sample in src:
         try:
-            yield validated_sample(sample, min_frames)
+            yield validated_sample(sample, min_frames, lq=lq)
         except SampleError as err:
             counter.add(err.reason, f"{sample.get('__key__')} in {sample.get('__url__')}: {err}")
 
 
-def validated_sample(sample: dict, min_frames: int) -> dict:
-    """The sample with its parsed ``meta.json`` added as ``sample["__meta__"]``.
+def validated_sample(sample: dict, min_frames: int, *, lq: bool = True) -> dict:
+    """The sample with its parsed ``meta.json`` added as ``sample["__meta__"]``; ``lq=False`` (online LQ)
+    requires the HR frames only.
 
     Raises:
         SampleError: ``missing_field`` (no meta, or one of its ``num_frames`` HR/LQ PNGs absent),
@@ -272,7 +277,7 @@ def validated_sample(sample: dict, min_frames: int) -> dict:
     if num_frames < min_frames:
         raise SampleError("too_few_frames", f"{num_frames} < data.frames={min_frames}")
     for i in range(num_frames):
-        for kind in FRAME_PREFIXES:
+        for kind in FRAME_PREFIXES if lq else (HR,):
             if not sample.get(frame_field(kind, i)):
                 raise SampleError("missing_field", frame_field(kind, i))
     sample["__meta__"] = meta
@@ -286,8 +291,13 @@ def _decode_frame(data: bytes) -> np.ndarray:
         raise SampleError("decode_error") from err
 
 
-def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
+def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator,
+                 online: tuple[DegradationPreset, int] | None = None) -> dict:
     """Validated raw sample -> clip dict: random frame window, decode, aligned crop, flips, tensors.
+
+    ``online=(recipe, seed)`` (a source with ``lq=online``, docs/DATA.md 1.8): the LQ frames are not
+    read; the clip carries ``degradation``, its parameters drawn from ``seed``, instead of ``lq``. The
+    window, crop and flips are the same draws from ``rng`` either way.
 
     Raises:
         SampleError: ``decode_error``, ``size_mismatch`` or ``too_small``.
@@ -296,19 +306,24 @@ def prepare_clip(sample: dict, cfg: DataConfig, rng: np.random.Generator) -> dic
     t0 = random_window(int(meta["num_frames"]), cfg.frames, rng)
     window = range(t0, t0 + cfg.frames)
     hr = stack_frames([_decode_frame(sample[frame_field(HR, i)]) for i in window], HR)
-    lq = stack_frames([_decode_frame(sample[frame_field(LQ, i)]) for i in window], LQ)
+    lq = None if online else stack_frames([_decode_frame(sample[frame_field(LQ, i)]) for i in window], LQ)
     if "hr_size" in meta and list(hr.shape[1:3]) != list(meta["hr_size"]):
         raise SampleError("size_mismatch", f"hr {hr.shape[1:3]} vs meta.hr_size {meta['hr_size']}")
     check_pair_sizes(hr, lq, scale=cfg.scale, crop_size=cfg.crop_size)
     hr, lq = random_aligned_crop(hr, lq, crop_size=cfg.crop_size, scale=cfg.scale, rng=rng)
     if cfg.augment:
         flip = Dihedral.draw(rng)
-        hr, lq = flip.apply(hr), flip.apply(lq)
+        hr, lq = flip.apply(hr), None if lq is None else flip.apply(lq)
     caption = sample.get(CAPTION_FIELD, b"")
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8", errors="replace")
-    return {"hr": to_tensor(hr), "lq": to_tensor(lq), "key": sample["__key__"], "caption": str(caption),
+    clip = {"hr": to_tensor(hr), "key": sample["__key__"], "caption": str(caption),
             "kind": str(meta.get("kind", "video"))}
+    if online is None:
+        clip["lq"] = to_tensor(lq)
+    else:
+        clip[DEGRADATION_KEY] = draw_degradation(*online)
+    return clip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,12 +362,15 @@ class ShardBatchBuilder:
         world_size: Number of ranks.
         phase_fn: Micro-batch index -> phase.
         resume_count: How often the run was resumed (folded into stream seeds: a resume draws fresh data).
+        recipes: Per source, its online-LQ recipe or None (``source_recipes``; read from the config if None).
     """
 
     def __init__(self, cfg: DataConfig, urls: list[list[str]], *, rank: int, world_size: int,
-                 phase_fn: PhaseFn, resume_count: int = 0) -> None:
+                 phase_fn: PhaseFn, resume_count: int = 0,
+                 recipes: list[DegradationPreset | None] | None = None) -> None:
         self.cfg, self.urls, self.rank, self.world_size = cfg, urls, rank, world_size
         self.phase_fn, self.resume_count = phase_fn, resume_count
+        self.recipes = recipes if recipes is not None else source_recipes(cfg)
         self.counter = SkipCounter(cfg.max_consecutive_skips)
         self._streams: dict[tuple[int, int], Iterator[dict]] = {}
         self._epoch = -1
@@ -367,14 +385,20 @@ class ShardBatchBuilder:
         source = choose_source(self.cfg, phase, rng)
         stream = self._stream(source, micro_batch % self.cfg.streams, epoch)
         self.counter.context = f"from data.sources.{source}.path={self.cfg.sources[source].path!r}"
-        clips = [self._next_clip(stream, rng) for _ in range(self.cfg.batch_size)]
+        recipe = self.recipes[source]
+        clips = []
+        for j in range(self.cfg.batch_size):
+            # online LQ: parameters seeded like the batch's other draws, one seed per clip
+            seed = derive_seed(self.cfg.seed, self.resume_count, self.rank, micro_batch, j, _TAG_DEGRADE)
+            clips.append(self._next_clip(stream, rng, None if recipe is None else (recipe, seed)))
         return collate_clips(clips, micro_batch=micro_batch, skipped=self.counter.pop())
 
-    def _next_clip(self, stream: Iterator[dict], rng: np.random.Generator) -> dict:
+    def _next_clip(self, stream: Iterator[dict], rng: np.random.Generator,
+                   online: tuple[DegradationPreset, int] | None) -> dict:
         while True:
             sample = next(stream)
             try:
-                clip = prepare_clip(sample, self.cfg, rng)
+                clip = prepare_clip(sample, self.cfg, rng, online)
             except SampleError as err:
                 self.counter.add(err.reason, f"{sample['__key__']} in {sample.get('__url__')}: {err}")
                 continue
@@ -401,7 +425,8 @@ class ShardBatchBuilder:
         return wds.DataPipeline(
             shards,
             wds.tarfile_to_samples(handler=self.counter.handler),
-            lambda src: validate_samples(src, counter=self.counter, min_frames=cfg.frames),
+            lambda src: validate_samples(src, counter=self.counter, min_frames=cfg.frames,
+                                         lq=self.recipes[source] is None),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng),
         )
 
@@ -453,7 +478,8 @@ def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 
                            phases: Sequence[str] = PHASES, start_micro_batch: int = 0,
                            resume_count: int = 0, shard_urls: list[list[str]] | None = None,
                            indexes: list[SourceIndex] | None = None, plan: SourcePlan | None = None,
-                           origin: OrderOrigin | None = None) -> DataLoader:
+                           origin: OrderOrigin | None = None,
+                           recipes: list[DegradationPreset | None] | None = None) -> DataLoader:
     """Check the sources and build the training DataLoader of one rank.
 
     Args:
@@ -468,12 +494,15 @@ def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 
         indexes: Result of an earlier ``index_shard_sets`` (indexed access; skips re-indexing).
         plan: The sources of the micro-batches (indexed access; built from ``phase_fn`` when None).
         origin: Where the current global batch took over the order (indexed access; default: the start).
+        recipes: Per source, its online-LQ recipe or None (``source_recipes``; read from the config if None).
 
     Returns:
         ``DataLoader(batch_size=None)`` yielding ``cfg.batches_per_epoch`` batch dicts per epoch.
     """
     check_phase_weights(cfg, phases)
     num_streams = None
+    if cfg.backend == "shards" and recipes is None:
+        recipes = source_recipes(cfg)
     if cfg.backend == "synthetic":
         from dlightning.data.synthetic import SyntheticBatchBuilder
 
@@ -485,11 +514,12 @@ def build_train_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 
         plan = plan or SourcePlan(cfg, phase_fn)
         plan.counts_before(start_micro_batch)  # computed once here, before workers inherit the plan
         builder = IndexedBatchBuilder(cfg, indexes if indexes is not None else index_shard_sets(cfg, urls),
-                                      plan=plan, origin=origin or OrderOrigin(), rank=rank, world_size=world_size)
+                                      plan=plan, origin=origin or OrderOrigin(), rank=rank, world_size=world_size,
+                                      recipes=recipes)
     else:
         urls = shard_urls if shard_urls is not None else load_shard_urls(cfg, world_size=world_size)
         builder = ShardBatchBuilder(cfg, urls, rank=rank, world_size=world_size, phase_fn=phase_fn,
-                                    resume_count=resume_count)
+                                    resume_count=resume_count, recipes=recipes)
         num_streams = cfg.streams
     dataset = MicroBatchDataset(builder, start_micro_batch=start_micro_batch,
                                 batches_per_epoch=cfg.batches_per_epoch, num_streams=num_streams)

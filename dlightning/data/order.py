@@ -29,8 +29,8 @@ from dlightning.data.config import DataConfig
 from dlightning.data.transforms import derive_seed
 from dlightning.errors import ConfigError
 
-# Purpose tags keep the seeds of different random decisions independent (loader.py uses 1-3, synthetic 4).
-TAG_SOURCE, TAG_PERMUTATION, TAG_CLIP = 5, 6, 7
+# Purpose tags keep the seeds of different random decisions independent (loader.py uses 1-3 and 9, synthetic 4).
+TAG_SOURCE, TAG_PERMUTATION, TAG_CLIP, TAG_DEGRADE = 5, 6, 7, 8
 CHUNK = 1024
 """Micro-batches whose source draws come from one generator (one seed per chunk: cheap to compute ahead)."""
 

@@ -39,14 +39,17 @@ def stack_frames(frames: list[np.ndarray], what: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def check_pair_sizes(hr: np.ndarray, lq: np.ndarray, *, scale: int, crop_size: int) -> None:
-    """Check that LQ is exactly HR / scale and that HR can hold one crop.
+def check_pair_sizes(hr: np.ndarray, lq: np.ndarray | None, *, scale: int, crop_size: int) -> None:
+    """Check that LQ is exactly HR / scale (HR divisible by scale when there is no LQ: online LQ) and
+    that HR can hold one crop.
 
     Raises:
         SampleError: ``size_mismatch`` or ``too_small``.
     """
     h, w = hr.shape[1:3]
-    if lq.shape[1:3] != (h // scale, w // scale) or h % scale or w % scale:
+    if h % scale or w % scale:
+        raise SampleError("size_mismatch", f"hr {h}x{w} is not divisible by scale {scale}")
+    if lq is not None and lq.shape[1:3] != (h // scale, w // scale):
         raise SampleError("size_mismatch", f"hr {h}x{w} vs lq {lq.shape[1]}x{lq.shape[2]} at scale {scale}")
     if h < crop_size or w < crop_size:
         raise SampleError("too_small", f"hr {h}x{w} < crop {crop_size}")
@@ -57,18 +60,19 @@ def random_window(num_frames: int, frames: int, rng: np.random.Generator) -> int
     return int(rng.integers(0, num_frames - frames + 1))
 
 
-def random_aligned_crop(hr: np.ndarray, lq: np.ndarray, *, crop_size: int, scale: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_aligned_crop(hr: np.ndarray, lq: np.ndarray | None, *, crop_size: int, scale: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop HR (T, H, W, 3) at a position that is a multiple of ``scale`` and LQ at exactly that / scale.
 
     Returns:
-        (HR crop of crop_size, LQ crop of crop_size // scale), both covering the same scene area.
+        (HR crop of crop_size, LQ crop of crop_size // scale), both covering the same scene area; the LQ
+        crop is None without an LQ clip (online LQ), the HR crop the same as with one.
     """
     h, w = hr.shape[1:3]
     y = scale * int(rng.integers(0, (h - crop_size) // scale + 1))
     x = scale * int(rng.integers(0, (w - crop_size) // scale + 1))
     c, ly, lx = crop_size // scale, y // scale, x // scale
-    return hr[:, y:y + crop_size, x:x + crop_size], lq[:, ly:ly + c, lx:lx + c]
+    return hr[:, y:y + crop_size, x:x + crop_size], None if lq is None else lq[:, ly:ly + c, lx:lx + c]
 
 
 @dataclass(frozen=True)
@@ -106,19 +110,25 @@ def collate_clips(clips: list[dict], *, micro_batch: int, skipped: dict[str, int
     """Stack clip dicts into the batch dict of docs/INTERFACES.md (plus loader bookkeeping).
 
     Args:
-        clips: Dicts with ``hr``/``lq`` tensors (T, 3, H, W) and ``caption``/``key``/``kind`` strings.
+        clips: Dicts with ``hr``/``lq`` tensors (T, 3, H, W) and ``caption``/``key``/``kind`` strings; online
+            clips (docs/DATA.md 1.8) have ``degradation`` instead of ``lq``.
         micro_batch: Index of this micro-batch on its rank (lets the module check phase alignment).
         skipped: Samples skipped per reason while this batch was built (popped by the DataModule).
 
     Returns:
-        ``{"hr", "lq", "caption", "key", "kind", "micro_batch", "skipped"}``.
+        ``{"hr", "lq", "caption", "key", "kind", "micro_batch", "skipped"}``; an online batch has
+        ``degradation`` (one dict per clip) in place of ``lq`` until the device makes it.
     """
-    return {
-        "hr": torch.stack([c["hr"] for c in clips]),
-        "lq": torch.stack([c["lq"] for c in clips]),
+    batch = {"hr": torch.stack([c["hr"] for c in clips])}
+    if all("lq" in c for c in clips):
+        batch["lq"] = torch.stack([c["lq"] for c in clips])
+    else:
+        batch["degradation"] = [c["degradation"] for c in clips]
+    batch.update({
         "caption": [c["caption"] for c in clips],
         "key": [c["key"] for c in clips],
         "kind": [c["kind"] for c in clips],
         "micro_batch": micro_batch,
         "skipped": dict(skipped),
-    }
+    })
+    return batch

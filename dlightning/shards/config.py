@@ -42,6 +42,8 @@ from dlightning.shards.captions import CaptionConfig
 from dlightning.shards.sources import CROP_MODES, DEMO_IMAGES, REDS4
 
 SOURCE_KINDS = ("frames", "video", "images", "demo")
+LQ_MODES = ("baked", "online")
+"""``lq``: store degraded LQ frames, or HR frames only for the loader's online degradation."""
 
 
 @dataclass
@@ -156,6 +158,10 @@ class DataPrepConfig:
     """HR crop [H, W]; both divisible by scale."""
     sources: list[SourceSpec] = field(default_factory=list)
     degradation: DegradationSection = field(default_factory=DegradationSection)
+    lq: str = "baked"
+    """baked: degrade every clip once and store its LQ frames; online: store the HR frames only (no LQ, no
+    drawn parameters): the training loader degrades them on the device (``data.sources[i].lq=online``,
+    docs/DATA.md 1.8) with the ``degradation`` recipe this manifest records."""
     camera: CameraPathConfig = field(default_factory=CameraPathConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -177,6 +183,8 @@ def validate(cfg: DataPrepConfig) -> None:
         )
     if cfg.num_frames < 1:
         problems.append("num_frames must be >= 1")
+    if cfg.lq not in LQ_MODES:
+        problems.append(f"lq={cfg.lq!r}; choose one of {list(LQ_MODES)}")
     if cfg.camera.interpolation not in INTERPOLATIONS:
         problems.append(
             f"camera.interpolation={cfg.camera.interpolation!r}; choose one of {sorted(INTERPOLATIONS)}"

@@ -41,21 +41,24 @@ from dlightning.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def clip_meta(clip: Clip, lq: np.ndarray, scale: int) -> dict[str, Any]:
-    """The ``meta.json`` content of one sample."""
+def clip_meta(clip: Clip, lq: np.ndarray | None, scale: int) -> dict[str, Any]:
+    """The ``meta.json`` content of one sample (``lq`` None: an HR-only sample, marked ``"lq": "online"``)."""
     spec = clip.spec
+    hr_hw = list(clip.frames.shape[1:3])
     meta: dict[str, Any] = {
         "source": spec.source,
         "kind": spec.kind,
         "clip_id": spec.clip_id,
         "frame_indices": list(spec.frame_indices),
         "fps": spec.fps,
-        "hr_size": list(clip.frames.shape[1:3]),
-        "lq_size": list(lq.shape[1:3]),
+        "hr_size": hr_hw,
+        "lq_size": [hr_hw[0] // scale, hr_hw[1] // scale] if lq is None else list(lq.shape[1:3]),
         "scale": scale,
         "num_frames": int(clip.frames.shape[0]),
         "data_prep_version": DATA_PREP_VERSION,
     }
+    if lq is None:
+        meta["lq"] = "online"
     if clip.camera_path is not None:
         # Only image clips carry camera_path (docs/INTERFACES.md); demo "video" clips keep their pan separately.
         meta["camera_path" if spec.kind == "image" else "synthetic_motion"] = clip.camera_path
@@ -63,13 +66,14 @@ def clip_meta(clip: Clip, lq: np.ndarray, scale: int) -> dict[str, Any]:
 
 
 def build_sample(
-    clip: Clip, lq: np.ndarray, deg: dict[str, Any], caption: str, *, scale: int, png_level: int = 1
+    clip: Clip, lq: np.ndarray | None, deg: dict[str, Any], caption: str, *, scale: int, png_level: int = 1
 ) -> dict[str, Any]:
-    """Encode one clip as a WebDataset sample dict (``__key__`` plus bytes fields)."""
+    """Encode one clip as a WebDataset sample dict (``__key__`` plus bytes fields; no LQ fields when ``lq``
+    is None)."""
     sample: dict[str, Any] = {"__key__": clip.spec.key}
     for i, frame in enumerate(clip.frames):
         sample[frame_field(HR, i)] = encode_png(frame, png_level)
-    for i, frame in enumerate(lq):
+    for i, frame in enumerate(lq if lq is not None else ()):
         sample[frame_field(LQ, i)] = encode_png(frame, png_level)
     sample[META_FIELD] = json.dumps(clip_meta(clip, lq, scale), sort_keys=True).encode("utf-8")
     sample[DEG_FIELD] = json.dumps(deg, sort_keys=True).encode("utf-8")
@@ -155,14 +159,14 @@ def make_sample(spec: ClipSpec, clip_index: int, cfg: Any, captioner: Captioner)
     clip = load_clip(spec, hr_hw=hr_hw, crop=crop, scale=cfg.scale, camera=cfg.camera, rng=load_rng)
     if cfg.degradation.usm_gt:
         clip.frames = usm_sharpen(clip.frames)
-    params = sample_params(resolved_recipe(cfg, spec.preset), param_rng)
-    lq = degrade_clip(clip.frames, params, cfg.scale, noise_rng)
-    deg = {
-        "seed": {"build_seed": cfg.seed, "clip_index": clip_index},
-        "usm_gt": cfg.degradation.usm_gt,
-        "scale": cfg.scale,
-        **params,
-    }
+    seed = {"build_seed": cfg.seed, "clip_index": clip_index}
+    if getattr(cfg, "lq", "baked") == "online":
+        # HR only: the training loader draws fresh parameters each time it reads the clip
+        lq, deg = None, {"seed": seed, "usm_gt": cfg.degradation.usm_gt, "scale": cfg.scale, "lq": "online"}
+    else:
+        params = sample_params(resolved_recipe(cfg, spec.preset), param_rng)
+        lq = degrade_clip(clip.frames, params, cfg.scale, noise_rng)
+        deg = {"seed": seed, "usm_gt": cfg.degradation.usm_gt, "scale": cfg.scale, **params}
     caption = captioner(spec.key, spec.clip_id, clip.frames)
     return build_sample(clip, lq, deg, caption, scale=cfg.scale, png_level=cfg.shards.png_compression)
 

@@ -2,9 +2,9 @@
 
 Every job here is what ``dlightning submit --dry-run`` renders (through :func:`dlightning.train.submit`)
 for 1 node x 2 CPU tasks (``launch.gpus_per_node=0``, ``trainer.devices=2``: DDP over gloo) on the tiny
-config with synthetic data; only ``launch.env_setup`` is set here, to this virtual environment and a
-private W&B folder. Then SLURM does to it what it does on a real cluster: signals, requeues, time
-limits, a rank killed.
+config with synthetic data (the shards test reads a shard set through the indexed loader); only
+``launch.env_setup`` is set here, to this virtual environment and a private W&B folder. Then SLURM does
+to it what it does on a real cluster: signals, requeues, time limits, a rank killed.
 
     .venv/bin/pytest -m slurm tests/slurm
 """
@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.paths import REPO
+from helpers.shard_sets import write_good_set
+from helpers.state_compare import assert_same_training_state, load_checkpoint
 from helpers.train_probe import DEMO_CONFIG, tiny_overrides
 from helpers.wandb_offline import offline_runs, read_offline_run
 
@@ -48,10 +50,10 @@ def _submit_script(run_dir: Path, max_steps: int, *overrides: str, step_delay: f
         f"source {shlex.quote(str(Path(sys.executable).parent / 'activate'))}",
         f"cd {shlex.quote(str(REPO))}",
         # W&B offline, with its folders in the test's tmp folder
-        f"export WANDB_DIR={wandb_home}/dir WANDB_CONFIG_DIR={wandb_home}/config WANDB_CACHE_DIR={wandb_home}/cache"
+        f"export WANDB_CONFIG_DIR={wandb_home}/config WANDB_CACHE_DIR={wandb_home}/cache"
         f" WANDB_DATA_DIR={wandb_home}/data XDG_CACHE_HOME={wandb_home}/xdg WANDB_SILENT=true"
         " WANDB_ERROR_REPORTING=false WANDB_MODE=offline",
-        "unset WANDB_API_KEY",
+        "unset WANDB_API_KEY WANDB_DIR",  # WANDB_DIR would win over the run folder's logs/wandb
         f"export PYTHONPATH={shlex.quote(str(Path(__file__).parent))}",  # step_delay.StepDelay
     ]
     if step_delay:
@@ -245,3 +247,39 @@ def test_usr1_with_full_reaches_the_tasks_through_the_batch_shell(slurm_cluster,
     assert len(_preempt_files(run_dir)) == 1 and len(_segment_ends(log)) == 1
     assert "batch shell got USR1" in log
     _assert_clean_log(log)
+
+
+def _shard_overrides(shards: Path, *, workers: int) -> list[str]:
+    """The indexed loader on a shard set (every rank reads it; ``data.num_workers`` loader workers)."""
+    return ["data.backend=shards", "data.access=indexed", f"data.num_workers={workers}",
+            f"data.sources=[{{path: {shards}, weight_consistency: 1.0, weight_detail: 1.0}}]"]
+
+
+@pytest.mark.timeout(CLUSTER_SETUP_S + 420)
+def test_usr1_preemption_on_shards_resumes_bit_identically(slurm_cluster, tmp_path):
+    """The pre-emption of the first test, on real shards (``data.access=indexed``, 2 loader workers per
+    rank): the requeued, resumed job ends with the same trainable tensors, optimizer state, counters and
+    private RNG as the same job left alone (0 differing tensors)."""
+    shards = tmp_path / "shards"
+    write_good_set(shards, name="v", kind="video", num_shards=4, per_shard=3, seed=5)
+    max_steps, data = 8, _shard_overrides(shards, workers=2)
+    runs = {name: tmp_path / name for name in ("preempted", "straight")}
+    jobs = {name: slurm_cluster.submit(_submit_script(run_dir, max_steps, "optim.accumulate=2", *data))
+            for name, run_dir in runs.items()}
+    _wait_for(_step_file(runs["preempted"], 2), slurm_cluster, jobs["preempted"], timeout=240)
+    slurm_cluster.signal(jobs["preempted"], "USR1")
+    kept = _keep_preempt_checkpoint(runs["preempted"], slurm_cluster, jobs["preempted"])
+    for name, job in jobs.items():
+        state = slurm_cluster.wait(job, timeout=300)
+        info, log = slurm_cluster.job_info(job), _log(runs[name])
+        assert state == "COMPLETED" and info["ExitCode"] == "0:0", (name, info, log[-8000:])
+        _assert_clean_log(log)
+    assert slurm_cluster.job_info(jobs["preempted"])["Restarts"] == "1"
+    assert "Requeued SLURM job" not in _log(runs["straight"])
+    step = torch.load(kept, map_location="cpu", weights_only=False)["dlightning"]["optimizer_step"]
+    assert 2 <= step < max_steps, step
+    expected = load_checkpoint(_step_file(runs["straight"], max_steps))
+    resumed = load_checkpoint(_step_file(runs["preempted"], max_steps))
+    assert resumed["VSRDataModule"]["resume_count"] == 1 and expected["VSRDataModule"]["resume_count"] == 0
+    assert resumed["VSRDataModule"]["order"]["slots"] == [12]
+    assert_same_training_state(expected, resumed)
