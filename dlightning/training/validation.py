@@ -9,7 +9,8 @@ is simple and correct; keep the validation set small enough to finish within the
 Outputs go to ``<run_dir>/validation/step-XXXXXXXX/``: ``<clip>.mp4`` (LQ bicubic | output | GT side by
 side, at the clip's frame rate) and ``<clip>_profile.png`` (the middle pixel column of each panel over
 time, time along x). Metrics (``val/psnr``, ``val/ssim``, ``val/lpips``, ``val/ewarp``, ``val/ewarp_gt``)
-go to every Lightning logger; with a WandbLogger the videos and profiles are logged too.
+go to every Lightning logger; the media go through :mod:`dlightning.tracking.media` (W&B: videos, profiles
+and a per-clip table; TensorBoard: the profiles).
 
 Data: either ``validation.lq_dir`` + ``validation.gt_dir`` (videos or frame folders paired by stem) or
 ``validation.shards`` (a data_prep shard set; every sample with its stored LQ/HR frames).
@@ -30,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from dlightning.contracts.run_layout import validation_dir
 from dlightning.errors import ConfigError
 from dlightning.inference.config import ValidationConfig
 from dlightning.inference.pipeline import Upscaler
@@ -41,6 +43,7 @@ from dlightning.inference.video_io import (
     video_source,
 )
 from dlightning.metrics import VideoMetrics
+from dlightning.tracking.media import ClipMedia, log_validation_media
 from dlightning.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -237,6 +240,10 @@ class VideoValidation(L.Callback):
         """Check the validation data exists before training starts (fail early)."""
         if self.cfg.every_n_steps and trainer.is_global_zero:
             self._clips = load_clips(self.cfg)
+            if self.cfg.metrics:
+                from dlightning.metrics.suite import check_metric_weights
+
+                check_metric_weights(self.cfg.metrics, self.cfg.metric_weights, "validation.metric_weights")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -259,6 +266,15 @@ class VideoValidation(L.Callback):
             raise ConfigError("validation.weights=ema needs optim.ema.enabled=true")
         return ema.applied()
 
+    def _extra_metrics(self, device: torch.device):
+        """``validation.metrics`` as a MetricSuite, built once (None when the list is empty)."""
+        if self.cfg.metrics and getattr(self, "_extra", None) is None:
+            from dlightning.metrics.suite import MetricSuite
+
+            self._extra = MetricSuite(self.cfg.metrics, self.cfg.metric_weights, device=device,
+                                      key_prefix="validation.metric_weights", crop_border=self.cfg.crop_border)
+        return getattr(self, "_extra", None)
+
     def validate(self, generator, step: int, loggers: list | None = None) -> dict[str, float]:
         """Run validation for ``step`` (on the calling process) and log to ``loggers``."""
         if self._clips is None:
@@ -270,18 +286,21 @@ class VideoValidation(L.Callback):
         self._flow_net.to(device)
         if self._lpips is not None:
             self._lpips.to(device)
-        metrics = VideoMetrics(self._flow_net, self._lpips, self.cfg.crop_border, self.cfg.y_channel)
-        out_dir = self.run_dir / "validation" / f"step-{step:08d}"
+        metrics = VideoMetrics(self._flow_net, self._lpips, self.cfg.crop_border, self.cfg.y_channel,
+                               extra=self._extra_metrics(device))
+        out_dir = validation_dir(self.run_dir, step)
         summary, artifacts = run_validation(generator, self._clips, self.cfg, out_dir, metrics)
         self.last_metrics = {f"val/{k}": v for k, v in summary.items()}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps({"step": step, **self.last_metrics,
                                                           "per_clip": metrics.per_clip}, indent=2))
-        _log(loggers or [], self.last_metrics, artifacts, step)
+        per_clip = list(zip((clip.name for clip in self._clips), metrics.per_clip, strict=False))
+        _log(loggers or [], self.last_metrics, step)
+        log_validation_media(loggers or [], step, [ClipMedia(*a) for a in artifacts], per_clip)
         return self.last_metrics
 
 
-def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -> None:
+def _log(loggers: list, metrics: dict[str, float], step: int) -> None:
     undefined = sorted(k for k, v in metrics.items() if math.isnan(v) and k.startswith("val/ewarp"))
     if undefined:
         # E*warp is undefined when the occlusion mask leaves no visible pixel; say so rather than log NaN.
@@ -292,11 +311,3 @@ def _log(loggers: list, metrics: dict[str, float], artifacts: list, step: int) -
     shown = {k: v for k, v in metrics.items() if k not in undefined}
     for logger in loggers:
         logger.log_metrics({**shown, "val/optimizer_step": float(step)}, step=step)
-        if type(logger).__name__ == "WandbLogger" and artifacts:
-            import wandb
-
-            payload = {}
-            for name, video, profile in artifacts:
-                payload[f"val/video/{name}"] = wandb.Video(str(video), format="mp4")
-                payload[f"val/profile/{name}"] = wandb.Image(str(profile))
-            logger.experiment.log(payload)

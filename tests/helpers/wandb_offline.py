@@ -26,11 +26,18 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     """One dict per ``log`` call, in order."""
     exit_code: int | None = None
+    """None when the run was cut off before ``finish`` (no exit record)."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """The run record: ``tags``, ``run_group``, ``notes``, ``job_type``, ``project``, ..."""
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    """One dict per logged artifact (``type``, ``name``, ``aliases``, ``manifest``, ...)."""
 
 
-def offline_runs(save_dir: str | Path) -> list[Path]:
-    """The ``offline-run-<time>-<id>`` folders under ``<save_dir>/wandb``, oldest first."""
-    return sorted((Path(save_dir) / "wandb").glob("offline-run-*"))
+def offline_runs(run_dir: str | Path) -> list[Path]:
+    """The ``offline-run-<time>-<id>`` folders of a run folder (``<run_dir>/logs/wandb``), oldest first."""
+    from dlightning.contracts.run_layout import logger_dir
+
+    return sorted(logger_dir(run_dir, "wandb").glob("offline-run-*"))
 
 
 def read_offline_run(folder: str | Path) -> OfflineRun:
@@ -49,7 +56,7 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
         record = json.loads(line)
         kind = record.get("type")
         if kind == "run":
-            run = OfflineRun(folder, record["run"]["run_id"])
+            run = OfflineRun(folder, record["run"]["run_id"], record=record["run"])
             run.config.update(record["run"].get("config", {}).get("update", {}))
         elif run is None:
             continue
@@ -57,6 +64,8 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
             run.config.update(record["config"].get("update", {}))
         elif kind == "history":
             run.history.append(record["history"]["item"])
+        elif kind == "artifact":
+            run.artifacts.append(record["artifact"])
         elif kind == "exit":
             run.exit_code = record["exit"].get("exit_code", 0)
     if run is None:

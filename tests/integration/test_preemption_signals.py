@@ -88,7 +88,8 @@ for sig in (signal.SIGCONT, signal.SIGTERM):
 def _env(tmp_path: Path, bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
     home = tmp_path / "wandb-home"
-    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+    # no WANDB_DIR: it would win over the run folder's logs/wandb, where the tests read the offline runs
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
                      ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts"), ("XDG_CACHE_HOME", "xdg")):
         env[var] = str(home / sub)
     env.update(WANDB_SILENT="true", WANDB_ERROR_REPORTING="false", WANDB_MODE="offline", OMP_NUM_THREADS="1",

@@ -20,15 +20,17 @@ CONSISTENCY_GROUPS = ("c_lora", "cfr", "conv_in")  # the ones with gradients in 
 
 
 def _isolate_wandb(mp: pytest.MonkeyPatch, root: Path) -> None:
-    """Point every folder W&B (and wandb-core) writes to into ``root``; no API key; quiet."""
-    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
-                     ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts"), ("XDG_CACHE_HOME", "xdg")):
+    """Point every folder W&B (and wandb-core) reads or writes into ``root``; no credentials; quiet.
+
+    HOME moves too (no ``~/.netrc``), and WANDB_DIR / WANDB_MODE are unset: they would win over the run
+    folder and the config."""
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                     ("WANDB_ARTIFACT_DIR", "artifacts"), ("XDG_CACHE_HOME", "xdg"), ("HOME", "home")):
         mp.setenv(var, str(root / sub))
     mp.setenv("WANDB_SILENT", "true")
     mp.setenv("WANDB_ERROR_REPORTING", "false")
-    mp.setenv("WANDB_MODE", "offline")  # a safety net; build_logger passes the mode explicitly anyway
-    mp.setenv("WANDB_API_KEY", "unused")
-    mp.delenv("WANDB_API_KEY")  # (set first so the original value, if any, is restored afterwards)
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DIR", "WANDB_MODE", "WANDB_BASE_URL", "NETRC"):
+        mp.delenv(var, raising=False)
 
 
 def _fit(run_dir: Path, steps: int, *extra: str):
@@ -104,14 +106,13 @@ def test_auto_mode_is_offline_without_an_api_key(tmp_path, monkeypatch):
     from dlightning.tracking.loggers import build_logger, resolve_wandb_mode
 
     _isolate_wandb(monkeypatch, tmp_path / "home")
-    monkeypatch.delenv("WANDB_MODE")  # only build_logger decides here
     assert resolve_wandb_mode("auto") == "offline"
     assert resolve_wandb_mode("disabled") == "disabled"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
     monkeypatch.delenv("WANDB_API_KEY")
 
-    logger = build_logger(LoggingConfig(backend="wandb", wandb_mode="auto"), tmp_path / "run", run_id="autotest01")
+    [logger] = build_logger(LoggingConfig(backend="wandb", wandb_mode="auto"), tmp_path / "run", run_id="autotest01")
     assert isinstance(logger, WandbLogger)
     logger.log_metrics({"train/loss": 0.5}, step=7)
     logger.experiment.finish()
@@ -129,7 +130,8 @@ def test_csv_resume_keeps_the_previous_metrics(tmp_path):
     run_dir = tmp_path / "run"
     _fit(run_dir, 1)
     _fit(run_dir, 2)
-    logs = run_dir / "logs"
+    logs = run_dir / "logs" / "csv"
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["csv"]  # logs/<backend>/, nothing else
     assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]
     assert [r["step"] for r in _csv_rows(logs / "version_0" / "metrics.csv")] == ["1"]
     assert [r["step"] for r in _csv_rows(logs / "version_1" / "metrics.csv")] == ["2"]
