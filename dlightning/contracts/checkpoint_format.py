@@ -151,10 +151,11 @@ def resolve_checkpoint_argument(path: str | os.PathLike[str]) -> Path:
                                   "or the run folder itself")
     if given.is_file() or (given / "latest").is_file():
         return given
-    newest = resolve_resume_checkpoint(given)
-    if newest is None:
+    found = list_valid_checkpoints(given)  # not resolve_resume_checkpoint: nothing resumes here
+    if not found:
         raise MissingWeightsError(f"{given} is a folder without a valid checkpoint in {checkpoint_dir(given)}")
-    return Path(newest)
+    log.info("Using %s, the newest checkpoint of %s (optimizer step %d)", found[-1][0], given, found[-1][1])
+    return Path(found[-1][0])
 
 
 def list_valid_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:

@@ -3,7 +3,9 @@
 Per target frame t with previous frame p = max(t - 1, 0) (frame 0 uses itself):
 LQ --bicubic x scale--> VAE encode (frozen, no grad) --> CFR(z_p, z_t) = (fused_t, warped_p) -->
 UNet([warped_p, fused_t], t=timestep, C-LoRA + D-LoRA, 8-ch conv_in) --> x0 rule --> VAE decode.
-All target frames of a batch go through CFR, the UNet and the decoder as one batch.
+All target frames of a batch go through CFR, the UNet and the decoder as one batch. Each piece is a
+function of :mod:`dlightning.models.standalone.dloral_onestep`, the standalone-safe module every export
+carries, so an export runs exactly this forward.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dlightning.contracts.phases import CONSISTENCY, DETAIL
@@ -20,6 +21,7 @@ from dlightning.models.components import Components, load_components
 from dlightning.models.config import ModelConfig
 from dlightning.models.lora import add_lora_families, family_parameters, teacher_mode
 from dlightning.models.prompts import PromptEncoder
+from dlightning.models.standalone import dloral_onestep as onestep
 from dlightning.models.unet import configure_unet, expand_conv_in
 from dlightning.utils.logging import get_logger
 
@@ -65,7 +67,8 @@ class DLoRALGenerator(nn.Module):
             # LoRA and CFR initialisation depend on model.seed only, not on the caller's RNG state.
             torch.manual_seed(cfg.seed)
             self.lora_targets = add_lora_families(self.unet, cfg.lora)
-            self.cfr = CrossFrameRetrieval(cfg.cfr)
+            # The tiny preset is random throughout (tests, demo): a random SPyNet there is no news.
+            self.cfr = CrossFrameRetrieval(cfg.cfr, warn_random_spynet=cfg.preset != "tiny")
         configure_unet(self.unet, cfg.gradient_checkpointing)
         self.register_buffer("alphas_cumprod", comp.alphas_cumprod.clone(), persistent=False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
@@ -154,30 +157,28 @@ class DLoRALGenerator(nn.Module):
 
     def upsample_lq(self, lq: torch.Tensor) -> torch.Tensor:
         """Bicubic x ``cfg.scale`` of LR frames ``(..., 3, h, w)``, clipped to [-1, 1]."""
-        lead = lq.shape[:-3]
-        up = F.interpolate(lq.flatten(0, -4) if lead else lq[None], scale_factor=self.cfg.scale,
-                           mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
-        return up.reshape(*lead, *up.shape[-3:])
+        return onestep.upsample_lq(lq, self.cfg.scale)
 
-    @torch.no_grad()
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents of images ``(N, 3, H, W)`` in [-1, 1] (no grad; mode or sample per config)."""
-        dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(images.to(dtype)).latent_dist
-        z = dist.sample() if self.cfg.vae_latent == "sample" else dist.mode()
-        return (z * self.scaling_factor).float()
+    @property
+    def vae_latent(self) -> str:
+        """``mode`` or ``sample``: how VAE latents are taken (``model.vae_latent``)."""
+        return self.cfg.vae_latent
+
+    def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents of images ``(N, 3, H, W)`` in [-1, 1] (no grad; mode or sample per config).
+
+        ``generator`` is the random stream of sampled latents (None = torch's global one, as in training).
+        """
+        return onestep.encode_latents(self.vae, images, self.scaling_factor, self.cfg.vae_latent == "sample",
+                                      generator)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in [-1, 1] from scaled latents; differentiable w.r.t. ``z``."""
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode((z / self.scaling_factor).to(dtype)).sample.float().clamp(-1.0, 1.0)
+        return onestep.decode_latents(self.vae, z, self.scaling_factor)
 
     def to_x0(self, fused_cur: torch.Tensor, unet_out: torch.Tensor) -> torch.Tensor:
         """Clean latent from the UNet output: ``residual`` (parity) or DDPM ``epsilon`` at the timestep."""
-        if self.cfg.x0_rule == "residual":
-            return fused_cur - unet_out
-        a = self.alphas_cumprod[self.cfg.timestep].to(fused_cur.dtype)
-        return (fused_cur - (1 - a).sqrt() * unet_out) / a.sqrt()
+        return onestep.to_x0(fused_cur, unet_out, self.cfg.x0_rule, self.alphas_cumprod, self.cfg.timestep)
 
     def denoise(self, up_prev: torch.Tensor, up_cur: torch.Tensor, z_prev: torch.Tensor, z_cur: torch.Tensor,
                 prompt_embeds: torch.Tensor, *, cfr_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,8 +200,7 @@ class DLoRALGenerator(nn.Module):
             ``(fused_cur, unet_out)``, both ``(N, 4, H/8, W/8)`` in the latents' dtype; the clean latent
             is ``to_x0(fused_cur, unet_out)``.
         """
-        spy_dtype = next(self.cfr.spynet.parameters()).dtype
-        flow = self.cfr.compute_flow(up_prev.to(spy_dtype), up_cur.to(spy_dtype)).float()
+        flow = onestep.latent_flow(self.cfr, up_prev, up_cur)
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and cfr_grad):
             fused, warped = self.cfr(z_prev, z_cur, flow)
@@ -208,10 +208,7 @@ class DLoRALGenerator(nn.Module):
             # Keep CFR's tensors in the graph with zero gradient: DDP without find_unused_parameters
             # expects a gradient for every trainable tensor in every step.
             fused = fused + 0.0 * sum(p.sum() for p in self.cfr.trainable_parameters())
-        timestep = torch.full((z_cur.shape[0],), self.cfg.timestep, device=z_cur.device, dtype=torch.long)
-        unet_out = self.unet(torch.cat([warped, fused], dim=1), timestep,
-                             encoder_hidden_states=prompt_embeds).sample
-        return fused, unet_out.to(fused.dtype)
+        return fused, onestep.run_unet(self.unet, warped, fused, prompt_embeds, self.cfg.timestep)
 
     def _check_inputs(self, lq: torch.Tensor, prompt_embeds: torch.Tensor, targets: list[int]) -> None:
         if lq.ndim != 5 or lq.shape[2] != 3:

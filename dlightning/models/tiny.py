@@ -155,7 +155,7 @@ def save_tiny_pretrained(directory: str | Path, seed: int = 0) -> Path:
     modules = build_tiny_modules(seed)
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         modules[name].save_pretrained(root / name)
-    _write_tokenizer_files(modules["tokenizer"], root / "tokenizer")
+    write_tokenizer_files(modules["tokenizer"], root / "tokenizer")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -168,7 +168,7 @@ def save_tiny_pretrained(directory: str | Path, seed: int = 0) -> Path:
     return root
 
 
-def _write_tokenizer_files(tokenizer, folder: Path) -> None:
+def write_tokenizer_files(tokenizer, folder: Path) -> None:
     """Write the tokenizer as SD 2.1's folder holds it: vocab.json + merges.txt (no tokenizer.json)."""
     import json
 
