@@ -12,7 +12,7 @@ from dlightning.errors import ConfigError, MissingWeightsError
 
 CONFIGS = ROOT / "configs"
 TRAINING = sorted(p for p in CONFIGS.glob("*.yaml"))
-OVERLAYS = {"reference_parity.yaml": "sd21.yaml"}
+OVERLAYS = {"reference_parity_forward.yaml": "sd21.yaml", "reference_parity_gradient.yaml": "sd21.yaml"}
 LAUNCH = sorted((CONFIGS / "launch").glob("*.yaml"))
 DATA_PREP = sorted((CONFIGS / "data_prep").glob("*.yaml"))
 
