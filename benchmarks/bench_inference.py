@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from breakdown import breakdown_table, profile_call  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     build_random_sd21,
@@ -48,8 +49,11 @@ TINY_SIZES = {"16": (16, 16), "24x40": (24, 40)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def base_generator(full: bool, device: torch.device) -> DLoRALGenerator:
-    """The trained-generator stand-in (fp32, LoRA unmerged), on ``device``."""
+def base_generator(full: bool, device: torch.device, pretrained: str | None = None) -> DLoRALGenerator:
+    """The trained-generator stand-in (fp32, LoRA unmerged), on ``device``: from a model folder in the
+    diffusers layout (``model.pretrained_path``), SD 2.1 size with random weights, or the tiny preset."""
+    if pretrained:
+        return DLoRALGenerator(ModelConfig(preset="sd21", pretrained_path=pretrained)).to(device).eval()
     if full:
         cfg = ModelConfig(preset="sd21")
         return DLoRALGenerator(cfg, components=build_random_sd21(device)).to(device).eval()
@@ -89,9 +93,10 @@ def frames_for(hw: tuple[int, int], count: int) -> list[np.ndarray]:
 
 
 def measure(gen: DLoRALGenerator, frames: list[np.ndarray], batch: int,
-            device: torch.device) -> tuple[float, dict]:
+            device: torch.device, reuse: bool = True) -> tuple[float, dict]:
     """Frames/s over all ``frames`` after a warm-up pass on the first ``batch + 1`` frames."""
-    cfg = UpscaleConfig(batch_windows=batch, min_short_side=0, color_fix="adain", device=str(device))
+    cfg = UpscaleConfig(batch_windows=batch, min_short_side=0, color_fix="adain", device=str(device),
+                        reuse_latents=reuse)
     upscaler = Upscaler(gen, cfg)
     for _ in upscaler.upscale_frames(frames[: batch + 1]):
         pass  # warm-up (and compilation)
@@ -106,38 +111,65 @@ def measure(gen: DLoRALGenerator, frames: list[np.ndarray], batch: int,
     return produced / sec, mem
 
 
-def run(args: argparse.Namespace) -> tuple[list[list], str]:
-    """Time every setting; returns table rows and the settings note."""
+def inference_regions(gen: DLoRALGenerator) -> list[tuple]:
+    """The components of one upscaling call (see ``breakdown.py``)."""
+    from dlightning.models.standalone import dloral_frames
+
+    return [(gen, "upsample_lq", "LQ upsample"), (gen, "encode_latents", "VAE encode"),
+            (gen, "encode_prompts", "text encoder"), (gen.cfr, "compute_flow", "CFR flow"),
+            (gen.cfr, "forward", "CFR"), (gen.unet, "forward", "UNet"), (gen, "decode_latents", "VAE decode"),
+            (dloral_frames, "color_fix", "colour fix")]
+
+
+def profile(gen: DLoRALGenerator, frames: list[np.ndarray], batch: int, device: torch.device) -> str:
+    """The per-component breakdown of upscaling ``frames`` once (after a warm-up pass)."""
+    cfg = UpscaleConfig(batch_windows=batch, min_short_side=0, color_fix="adain", device=str(device))
+    upscaler = Upscaler(gen, cfg)
+    for _ in upscaler.upscale_frames(frames[: batch + 1]):
+        pass
+    bd = profile_call(lambda: sum(1 for _ in upscaler.upscale_frames(frames)), targets=inference_regions(gen),
+                      device=device)
+    return breakdown_table(bd, f"{len(frames)} frames, windows/call {batch}")
+
+
+def run(args: argparse.Namespace) -> tuple[list[list], str, list[str]]:
+    """Time every setting; returns table rows and the settings note (with ``--profile``'s breakdowns)."""
     device = resolve_device(args.device)
     sizes = FULL_SIZES if args.full else TINY_SIZES
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     rows = []
     names = args.sizes or list(sizes)
     shape = {name: lq_size(name, sizes) for name in names}  # bad names fail before the model is built
-    base = base_generator(args.full, device)
+    base = base_generator(args.full, device, args.pretrained)
+    breakdowns = []
     for name in names:
         frames = frames_for(shape[name], args.frames)
-        for merged, batch, comp, cl in itertools.product(args.merged, args.batches, args.compile,
-                                                         args.channels_last):
+        for merged, batch, comp, cl, reuse in itertools.product(args.merged, args.batches, args.compile,
+                                                                args.channels_last, args.reuse_latents):
             if comp and device.type == "cpu" and not args.compile_on_cpu:
                 rows.append([name, "yes" if merged else "no", batch, "skipped (cpu)",
-                             "on" if cl else "off", None, None])
+                             "on" if cl else "off", "on" if reuse else "off", None, None])
                 continue
             gen = variant(base, merged=merged, dtype=dtype, channels_last=cl, compile_unet=comp)
-            fps, mem = measure(gen, frames, batch, device)
+            fps, mem = measure(gen, frames, batch, device, reuse)
+            if args.profile:
+                label = f"LQ {name}, merged {'yes' if merged else 'no'}: "
+                breakdowns.append(label + profile(gen, frames, batch, device))
             rows.append([name, "yes" if merged else "no", batch, "on" if comp else "off",
-                         "on" if cl else "off", fps, mem["gib"]])
+                         "on" if cl else "off", "on" if reuse else "off", fps, mem["gib"]])
             del gen
             gc.collect()
     shown = ", ".join(f"{n} = LQ {shape[n][1]}x{shape[n][0]}" for n in names)
     mem_kind = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                 else "peak RSS delta, sampled every 5 ms (CPU)")
-    note = (f"{'SD 2.1 architecture, random weights' if args.full else 'tiny preset'}; dtype "
+    model = (f"model folder {args.pretrained}" if args.pretrained
+             else "SD 2.1 architecture, random weights" if args.full else "tiny preset")
+    note = (f"{model}; dtype "
             f"{str(dtype).replace('torch.', '')}; {args.frames} frames per clip, every frame produced, "
             f"scale 4 (sizes: {shown}); colour fix adain; frames/s after a warm-up "
             f"pass; peak memory: {mem_kind}; "
             "merged = C- and D-LoRA fused (dlightning.export.fuse_families).")
-    return rows, note
+    return rows, note, breakdowns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +186,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch.compile of the UNet (default off on + on with cuda, off on cpu)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="do not skip compile rows on CPU")
     parser.add_argument("--channels-last", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--reuse-latents", nargs="+", default=["on"], choices=["on", "off"],
+                        help="upscale.reuse_latents: each frame VAE-encoded once (on) or once per window (off, "
+                             "the path before it)")
+    parser.add_argument("--pretrained", default=None, help="model folder in the diffusers layout "
+                        "(model.pretrained_path); benchmarks/model_folder.py writes random-weight ones")
+    parser.add_argument("--profile", action="store_true", help="also print the per-component breakdown "
+                        "(torch.profiler time, FLOPs) of each setting")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 cuda, fp32 cpu")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -161,10 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     args.merged = [m == "yes" for m in args.merged]
     args.compile = [c == "on" for c in (args.compile or (["off", "on"] if cuda else ["off"]))]
     args.channels_last = [c == "on" for c in args.channels_last]
-    rows, note = run(args)
-    columns = ["LQ size", "merged LoRA", "windows/call", "compile", "channels-last", "frames/s",
+    args.reuse_latents = [r == "on" for r in args.reuse_latents]
+    rows, note, breakdowns = run(args)
+    columns = ["LQ size", "merged LoRA", "windows/call", "compile", "channels-last", "reuse latents", "frames/s",
                "peak mem GiB"]
     text = header("bench_inference", resolve_device(args.device), note) + "\n" + markdown_table(columns, rows)
+    if breakdowns:
+        text += "\nPer-component breakdown:\n\n" + "\n".join(breakdowns)
     emit(text, args)
 
 

@@ -64,29 +64,44 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _validate_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--checkpoint", required=True,
-                   help="a .ckpt file, a DeepSpeed checkpoint folder, or a run folder (its newest checkpoint)")
+                   help="a .ckpt file, a DeepSpeed checkpoint folder, a run folder (its newest checkpoint), or "
+                   "a merged export folder (then --out is needed)")
     p.add_argument("--out", default=None, help="folder to write validation/step-XXXXXXXX/ into (default "
                    "trainer.run_dir)")
     p.add_argument("--lq-dir", default=None, help="overrides validation.lq_dir")
     p.add_argument("--gt-dir", default=None, help="overrides validation.gt_dir")
 
 
+_EXPORT_VALUES = {"scale_consistency": 1.0, "scale_detail": 1.0, "dtype": "fp32", "color_fix": "adain", "prompt": ""}
+"""Export options with a value, and their defaults (also how the model card's command line is rebuilt)."""
+_EXPORT_FLAGS = ("consistency_only", "adapters", "link_base", "overwrite", "wandb_artifact")
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write a merged model folder that diffusers loads on its own (model_index.json, the pipeline "
+                     "code, a model card), or with --adapters the LoRA-only adapters. With --checkpoint the model "
+                     "comes from the checkpoint's stored config; --config files and key=value overrides may change "
+                     "only its local paths (model.pretrained_path, model.cfr.spynet_path), anything else is "
+                     "refused (exit 2). With --reference-pkl they describe the base model.")
     _config_args(p)
     p.add_argument("--checkpoint", help="training checkpoint: a .ckpt file, a DeepSpeed checkpoint folder, or "
                    "a run folder (its newest valid checkpoint)")
-    p.add_argument("--reference-pkl", help="the authors' model.pkl (needs --config for the base model)")
+    p.add_argument("--reference-pkl", help="the authors' model.pkl (needs --config or overrides for the base model)")
     p.add_argument("--out", required=True, help="export folder: new or empty, or one holding an export (with "
                    "--overwrite); written as OUT.tmp-<random>, then renamed")
+    p.add_argument("--adapters", action="store_true", help="write the LoRA-only adapters (diffusers LoRA files of "
+                   "both families, the 8-channel conv_in, CFR) instead of the merged model")
     p.add_argument("--consistency-only", action="store_true", help="fuse only C-LoRA (D scale 0)")
-    p.add_argument("--scale-consistency", type=float, default=1.0)
-    p.add_argument("--scale-detail", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--wandb-artifact", action="store_true", help="also log the export as a model artifact of the "
+                   "checkpoint's W&B training run (needs --checkpoint inside a run folder that logged to W&B)")
+    p.add_argument("--scale-consistency", type=float, default=_EXPORT_VALUES["scale_consistency"])
+    p.add_argument("--scale-detail", type=float, default=_EXPORT_VALUES["scale_detail"])
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=_EXPORT_VALUES["dtype"])
     p.add_argument("--link-base", action="store_true", help="sd21: store the base path instead of copies")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT; a folder that "
                    "holds anything else is refused even so (export never deletes files that are not an export)")
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
-    p.add_argument("--prompt", default="", help="default prompt stored in the export")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=_EXPORT_VALUES["color_fix"])
+    p.add_argument("--prompt", default=_EXPORT_VALUES["prompt"], help="default prompt stored in the export")
 
 
 def _upscale_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +133,10 @@ def _upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-short-side", type=int, help="LQ frames with a shorter side are bicubic-enlarged (128)")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels-last UNet and VAE")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+    p.add_argument("--reference-io", action="store_true", default=None,
+                   help="the reference's PIL / uint8 pre- and post-processing (docs/EVALUATION.md)")
+    p.add_argument("--prompt-model", help="local captioner folder (or a tagger's weights): per-video prompts")
+    p.add_argument("--prompt-tagger", help="module:factory of a RAM / DAPE-compatible tagger plug-in")
 
 
 def _shards_args(p: argparse.ArgumentParser) -> None:
@@ -209,28 +228,97 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    import os
+
     from dlightning.export import export_checkpoint, export_reference
     from dlightning.inference.config import ExportConfig
 
     cfg = ExportConfig(scale_consistency=args.scale_consistency,
                        scale_detail=0.0 if args.consistency_only else args.scale_detail,
                        dtype=args.dtype, link_base=args.link_base, overwrite=args.overwrite,
-                       color_fix=args.color_fix, prompt=args.prompt)
+                       color_fix=args.color_fix, prompt=args.prompt, adapters=args.adapters)
+    made_by = {"command": _export_command(args), "workdir": os.getcwd()}
+    if args.reference_pkl and args.checkpoint:
+        raise ConfigError("give --checkpoint or --reference-pkl, not both")
+    run_dir = _artifact_run_dir(args) if args.wandb_artifact else None
     if args.reference_pkl:
         from dlightning.config import load_config
 
-        if not args.config:
-            raise ConfigError("--reference-pkl needs --config CFG (its model section describes the base model)")
-        export_reference(args.reference_pkl, load_config(args.config, args.overrides).model, args.out, cfg)
+        if not args.config and not args.overrides:
+            raise ConfigError("--reference-pkl needs --config CFG (or model.* overrides): its model section "
+                              "describes the base model")
+        model = load_config(args.config, args.overrides).model
+        export_reference(args.reference_pkl, model, args.out, cfg, **made_by)
     elif args.checkpoint:
-        export_checkpoint(args.checkpoint, args.out, cfg)
+        export_checkpoint(args.checkpoint, args.out, cfg, model_config=_stored_model(args.config, args.overrides),
+                          **made_by)
+        if run_dir is not None:
+            from dlightning.config import load_config
+            from dlightning.contracts.run_layout import CONFIG_FILE
+            from dlightning.tracking.artifacts import log_export_artifact
+
+            logging_cfg = load_config([str(run_dir / CONFIG_FILE)]).logging
+            if log_export_artifact(args.out, run_dir, logging_cfg) is None:
+                log.warning("--wandb-artifact: the run %s does not log to W&B; no artifact written", run_dir)
     else:
         raise ConfigError("give --checkpoint CKPT (or --reference-pkl model.pkl --config CFG)")
 
 
+def _artifact_run_dir(args: argparse.Namespace):
+    """The training run folder of ``--checkpoint`` for ``--wandb-artifact``, checked before any work."""
+    from pathlib import Path
+
+    from dlightning.contracts.run_layout import CHECKPOINTS, CONFIG_FILE
+
+    if not args.checkpoint:
+        raise ConfigError("--wandb-artifact needs --checkpoint (the export is logged to that training run)")
+    given = Path(args.checkpoint).resolve()
+    run_dir = given.parent.parent if given.parent.name == CHECKPOINTS else given
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"--wandb-artifact: {run_dir} is not a run folder (no {CONFIG_FILE}); pass a checkpoint "
+                          f"inside RUN/{CHECKPOINTS}/ or the run folder itself")
+    return run_dir
+
+
+def _stored_model(files: list[str], overrides: list[str]):
+    """How export builds a checkpoint's model: its stored section, with ``files`` and ``overrides`` applied
+    on top (they may change only local paths), or None when neither is given."""
+    if not files and not overrides:
+        return None
+
+    def resolve(stored: dict):
+        from dlightning.config import RootConfig
+        from dlightning.contracts import config_io
+        from dlightning.export import check_stored_config_changes
+
+        base = config_io.from_container(stored, RootConfig)
+        given = config_io.load_config(files, overrides, cls=RootConfig, base=base)
+        check_stored_config_changes(config_io.to_container(base), config_io.to_container(given))
+        return given.model
+
+    return resolve
+
+
+def _export_command(args: argparse.Namespace) -> str:
+    """The export command line of ``args`` (options at their defaults left out), for the model card."""
+    import shlex
+
+    parts = ["dlightning", "export"]
+    for file in args.config:
+        parts += ["--config", file]
+    for option in ("checkpoint", "reference_pkl", "out"):
+        if getattr(args, option):
+            parts += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    parts += [f"--{flag.replace('_', '-')}" for flag in _EXPORT_FLAGS if getattr(args, flag)]
+    for option, default in _EXPORT_VALUES.items():
+        if getattr(args, option) != default:
+            parts += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return shlex.join([*parts, *args.overrides])
+
+
 _UPSCALE_OPTIONS = ("batch_windows", "tile_size", "tile_overlap", "vae_tile_size", "color_fix", "prompt", "seed",
                     "dtype", "device", "max_frames", "min_short_side", "channels_last", "compile", "vae_tiling",
-                    "vae_tile_padding")
+                    "vae_tile_padding", "reference_io", "prompt_model", "prompt_tagger")
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
@@ -242,6 +330,13 @@ def _run_upscale(args: argparse.Namespace) -> int:
     cfg = UpscaleConfig(**given)
     return _stopping_cleanly("upscale", lambda: upscale_exported(args.model, args.input, args.output, cfg,
                                                                  overwrite=args.overwrite))
+
+
+def _evaluate():
+    """The ``evaluate`` verb's module (its composition root), imported when the verb is used."""
+    from dlightning import evaluate
+
+    return evaluate
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -270,8 +365,11 @@ def _run_shards(args: argparse.Namespace) -> int:
 VERBS: tuple[Verb, ...] = (
     Verb("fit", "train; resumes from the newest valid checkpoint in trainer.run_dir", _fit_args, _run_fit),
     Verb("validate", "validation metrics and side-by-side videos of a checkpoint", _validate_args, _run_validate),
-    Verb("export", "fuse C/D-LoRA into the UNet and write a merged model folder", _export_args, _run_export),
+    Verb("export", "fuse C/D-LoRA into a merged model folder diffusers loads on its own (or --adapters)",
+         _export_args, _run_export),
     Verb("upscale", "upscale a video / frame folder / folder of videos", _upscale_args, _run_upscale),
+    Verb("evaluate", "benchmark metrics of a model or a results folder: per-video CSV, Markdown, W&B tables",
+         lambda p: _evaluate().add_arguments(p), lambda args: _evaluate().main(args)),
     Verb("shards", "build and verify training shards (also: python -m data_prep)", _shards_args, _run_shards),
     Verb("submit", "render the sbatch script into the run folder and submit it to SLURM", _submit_args,
          _run_submit),

@@ -6,7 +6,6 @@ This is the only place that knows every section of the config; each component re
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dlightning.config import RootConfig, check_local_paths, to_container, to_yaml
 from dlightning.contracts.checkpoint_format import checkpoint_dir, list_valid_checkpoints, read_training_checkpoint
+from dlightning.contracts.config_io import import_class_path
 from dlightning.data.datamodule import VSRDataModule
 from dlightning.errors import ConfigError
 from dlightning.launch.sbatch import submit as submit_sbatch
@@ -66,14 +66,8 @@ def instantiate_callbacks(specs: list[dict[str, Any]]) -> list[L.Callback]:
     """
     built = []
     for i, spec in enumerate(specs):
-        module_name, _, class_name = str(spec["class_path"]).rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ConfigError(f"trainer.callbacks.{i}.class_path={spec['class_path']!r} cannot be imported ({err}); "
-                              "give the full path, e.g. lightning.pytorch.callbacks.EarlyStopping") from err
-        if not (isinstance(cls, type) and issubclass(cls, L.Callback)):
-            raise ConfigError(f"trainer.callbacks.{i}.class_path={spec['class_path']!r} is not a Lightning Callback")
+        cls = import_class_path(spec, f"trainer.callbacks.{i}", L.Callback, "Lightning Callback",
+                                "lightning.pytorch.callbacks.EarlyStopping")
         try:
             built.append(cls(**dict(spec.get("init_args") or {})))
         except TypeError as err:
@@ -88,9 +82,9 @@ def build_trainer(cfg: RootConfig, *, callbacks: list[L.Callback] | None = None,
     run_dir = Path(tcfg.run_dir)
     plugins: list[Any] = build_cluster_plugins()
     all_callbacks: list[L.Callback] = [
-        StepCheckpoint(run_dir / "checkpoints", every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
+        StepCheckpoint(checkpoint_dir(run_dir), every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints),
         # fit requeues after it has closed the loggers: the requeue's SIGTERM reaches every process at once
-        PreemptionCallback(run_dir / "checkpoints", requeue_in_teardown=False),
+        PreemptionCallback(checkpoint_dir(run_dir), requeue_in_teardown=False),
         LogResolvedConfig(to_container(cfg)),
         *([StepProgress(tcfg.max_steps)] if tcfg.lightning.get("enable_progress_bar", True) else []),
         *instantiate_callbacks(tcfg.callbacks),

@@ -55,6 +55,33 @@ EXTRA_KEYS_ATTR = "__extra_keys__"
 kept in its dict field ``field``. A typo still gets the closest key among both sets."""
 
 
+def import_class_path(spec: dict[str, Any], key: str, base: type, kind: str, example: str) -> type:
+    """The class named by ``spec["class_path"]`` (LightningCLI's ``{class_path, init_args}`` form), checked
+    to be a subclass of ``base``.
+
+    Args:
+        spec: The config entry.
+        key: Its dotted config key, for messages (e.g. ``trainer.callbacks.0``).
+        base: The class it must derive from.
+        kind: How messages name ``base`` (e.g. ``lightning.pytorch Logger``).
+        example: A full class path shown as the fix when the import fails.
+
+    Raises:
+        ConfigError: The class cannot be imported or does not derive from ``base``.
+    """
+    import importlib
+
+    module_name, _, class_name = str(spec["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}.class_path={spec['class_path']!r} cannot be imported ({err}); give the full "
+                          f"path, e.g. {example}") from err
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}.class_path={spec['class_path']!r} is not a {kind}")
+    return cls
+
+
 def _extra_keys(cls: Any) -> tuple[str, set[str]] | None:
     spec = getattr(cls, EXTRA_KEYS_ATTR, None) if dataclasses.is_dataclass(cls) else None
     return (spec[0], set(spec[1]())) if spec else None

@@ -8,6 +8,8 @@ from dlightning.contracts.checkpoint_format import WEIGHT_KINDS
 from dlightning.contracts.config_io import check_choice, check_range
 from dlightning.errors import ConfigError
 from dlightning.losses.config import LPIPSConfig
+from dlightning.metrics.registry import metric_spec
+from dlightning.metrics.weights import MetricWeights
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COLOR_FIXES = ("adain", "wavelet", "none")
@@ -38,8 +40,13 @@ class ExportConfig:
     """Default prompt written into the export."""
     weights: str = "raw"
     """raw: the trained tensors; ema: their moving average (checkpoints trained with optim.ema.enabled)."""
+    adapters: bool = False
+    """Write the LoRA-only adapter folder (C-LoRA, D-LoRA, conv_in, CFR) instead of the merged model."""
 
     def __post_init__(self) -> None:
+        if self.adapters and self.link_base:
+            raise ConfigError("export: --link-base is for merged exports; an adapter export never holds the base "
+                              "model (drop --link-base)")
         check_choice("export", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
         check_choice("export", "weights", self.weights, WEIGHT_KINDS)
         check_choice("export", "color_fix", self.color_fix, COLOR_FIXES)
@@ -53,6 +60,9 @@ class UpscaleConfig:
 
     batch_windows: int = 4
     """(previous, current) windows per UNet call."""
+    reuse_latents: bool = True
+    """Encode each frame once: the next batch of windows reuses the last frame's latent (``mode`` latents
+    only, whose values this does not change; false re-encodes it, the path before this option)."""
     tile_size: int = 96
     """Latent tile side; the latent is tiled when its area exceeds tile_size^2 (docs/METHOD.md 7.4)."""
     tile_overlap: int = 32
@@ -86,6 +96,14 @@ class UpscaleConfig:
     """Run the UNet and VAE in channels-last memory format (often faster on GPUs with tensor cores)."""
     compile: bool = False
     """torch.compile the UNet (first windows are slow while it compiles; pays off on long videos)."""
+    reference_io: bool = False
+    """The reference's PIL / uint8 pre- and post-processing instead of dlightning's float path
+    (dlightning/inference/reference_io.py; output sides rounded down to a multiple of 8 as there)."""
+    prompt_model: str | None = None
+    """Local captioner folder (transformers), or the file a prompt_tagger loads: each video is prompted
+    from its first frame, the reference's way (dlightning/inference/prompting.py); None = one fixed prompt."""
+    prompt_tagger: str | None = None
+    """module:factory of a RAM / DAPE-compatible tagger plug-in (called with prompt_model)."""
 
     def __post_init__(self) -> None:
         check_choice("upscale", "dtype", self.dtype, DTYPES)
@@ -138,10 +156,17 @@ class ValidationConfig:
     """Inference settings of the validation forward (colour fix off by default)."""
     weights: str = "raw"
     """raw: validate the trained tensors; ema: their moving average (needs optim.ema.enabled)."""
+    metrics: list[str] = field(default_factory=list)
+    """More metrics of dlightning evaluate (docs/EVALUATION.md), e.g. [psnr_y, dists, musiq, ewarp_raft],
+    logged as val/<name>; their files come from metric_weights."""
+    metric_weights: MetricWeights = field(default_factory=MetricWeights)
+    """Local weight files of those metrics (validation.metric_weights.<name>)."""
 
     def __post_init__(self) -> None:
         check_choice("validation", "flow_net", self.flow_net, ("spynet", "farneback"))
         check_choice("validation", "weights", self.weights, WEIGHT_KINDS)
+        for name in self.metrics:
+            metric_spec(name)  # an unknown metric fails when the config loads
         if self.every_n_steps < 0 or self.max_clips < 1 or self.max_frames < 2:
             raise ConfigError("validation.every_n_steps >= 0, max_clips >= 1 and max_frames >= 2 required")
         if (self.lq_dir is None) != (self.gt_dir is None):

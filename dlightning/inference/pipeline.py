@@ -1,5 +1,9 @@
 """Video upscaling with a (merged or training) DLoRAL generator.
 
+The frames-to-frames work is :class:`~dlightning.models.standalone.dloral_frames.WindowRunner`, the
+standalone-safe runner every export's diffusers pipeline carries too; this module adds the package-only
+parts: files and outputs, the shared-statistics VAE tiling, devices, ``channels_last`` and ``compile``.
+
 Per video: every frame t is produced from the window (t - 1, t), frame 0 from (0, 0), as the generator
 does. Windows are batched (``batch_windows`` per UNet call). Per frame (docs/METHOD.md 1.5, 7.4-7.6):
 
@@ -25,7 +29,6 @@ into a new temporary sibling and renamed when complete; an error, Ctrl-C or SIGT
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -35,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dlightning.errors import ConfigError
-from dlightning.inference.colorfix import color_fix
 from dlightning.inference.config import UpscaleConfig
+from dlightning.inference.prompting import build_prompter, peek_first, video_prompt
+from dlightning.inference.reference_io import ReferenceWindowRunner
 from dlightning.inference.tiled_vae import shared_norm_tiling
-from dlightning.inference.tiling import needs_tiling, tiled_denoise, unet_alignment
 from dlightning.inference.video_io import (
     FRAME_NAME,
     FrameFolderWriter,
@@ -51,6 +53,14 @@ from dlightning.inference.video_io import (
     VideoWriter,
     collect_inputs,
     is_video_path,
+)
+from dlightning.models.standalone.dloral_frames import (
+    FrameSizeError,
+    WindowRunner,
+    WindowSettings,
+    diffusers_vae_tiling,
+    enlarged_size,
+    processed_size,
 )
 from dlightning.utils.logging import get_logger
 
@@ -84,27 +94,6 @@ MAX_FRAME_SIDE = 16384
 """Largest frame side upscale processes or writes (libx264 refuses wider frames)."""
 MAX_FRAME_PIXELS = 1 << 27
 """Largest processed frame area (134 megapixels: a 3840x2160 input at x4 fits; 16384x16384 does not)."""
-
-
-def pad_multiple(scale: int) -> int:
-    """LR sides are padded to a multiple of this so that ``side * scale`` is a multiple of 8."""
-    return 8 // math.gcd(8, scale)
-
-
-def enlarged_size(height: int, width: int, min_short_side: int) -> tuple[int, int]:
-    """The LR size after the bicubic enlargement of frames whose short side is below ``min_short_side``."""
-    short = min(height, width)
-    if not 0 < short < min_short_side:
-        return height, width
-    f = min_short_side / short
-    return max(round(height * f), min_short_side), max(round(width * f), min_short_side)
-
-
-def processed_size(height: int, width: int, scale: int, min_short_side: int) -> tuple[int, int]:
-    """The HR size the model works at for an LR frame: enlarged, padded, times ``scale``."""
-    h, w = enlarged_size(height, width, min_short_side)
-    m = pad_multiple(scale)
-    return (h + (-h) % m) * scale, (w + (-w) % m) * scale
 
 
 def check_frame_sizes(sources: list[VideoSource], scale: int, min_short_side: int) -> None:
@@ -159,18 +148,8 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _to_tensor(frames: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    arr = torch.from_numpy(np.stack(frames)).to(device)
-    return arr.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _to_uint8(images01: torch.Tensor) -> list[np.ndarray]:
-    arr = (images01.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(arr)
-
-
 class Upscaler:
-    """Runs a generator over frame sequences.
+    """Runs a generator over frame sequences (with :class:`WindowRunner`).
 
     Args:
         model: A :class:`~dlightning.models.generator.DLoRALGenerator` or an exported one, already on
@@ -190,90 +169,51 @@ class Upscaler:
         # The frozen VAE carries the compute dtype (a training generator keeps its trainables in fp32).
         param = next(model.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._pad_multiple = pad_multiple(self.scale)
-        self._tile_align = unet_alignment(model)
-        if cfg.vae_tile_size > 0 and cfg.vae_tiling == "diffusers":
-            vae = model.vae
-            vae.enable_tiling()
-            vae.tile_sample_min_size = cfg.vae_tile_size
-            vae.tile_latent_min_size = cfg.vae_tile_size // 8
+        self.prompter = build_prompter(cfg.prompt_model, cfg.prompt_tagger, device=str(self.device))
+        self.settings = WindowSettings(batch_windows=cfg.batch_windows, min_short_side=cfg.min_short_side,
+                                       tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap,
+                                       color_fix=self.color_fix, reuse_latents=cfg.reuse_latents)
+        self._generator: torch.Generator | None = None
         if cfg.channels_last:
             model.unet.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
         if cfg.compile:
             model.unet = torch.compile(model.unet)
 
-    # ------------------------------------------------------------------ frames
-    def _prepare(self, lq: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Enlarge small frames and pad; returns the padded LR batch and its unpadded size."""
-        h, w = lq.shape[-2:]
-        size = enlarged_size(h, w, self.cfg.min_short_side)
-        if size != (h, w):
-            lq = F.interpolate(lq, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
-        h2, w2 = lq.shape[-2:]
-        m = self._pad_multiple
-        pad_h, pad_w = (-h2) % m, (-w2) % m
-        if pad_h or pad_w:
-            lq = F.pad(lq, (0, pad_w, 0, pad_h), mode="replicate")
-        return lq, (h2, w2)
-
-    def _autocast(self):
-        enabled = self.dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
-
     def _vae_tiling(self):
-        """Shared-statistics VAE tiling for frames above ``vae_tile_size`` (diffusers' is set up in __init__)."""
-        if self.cfg.vae_tiling != "shared_norm" or self.cfg.vae_tile_size == 0:
+        """The VAE tiling of frames above ``vae_tile_size``: shared GroupNorm statistics or diffusers' own."""
+        if self.cfg.vae_tile_size == 0:
             return contextlib.nullcontext()
+        if self.cfg.vae_tiling == "diffusers":
+            return diffusers_vae_tiling(self.model.vae, self.cfg.vae_tile_size)
         return shared_norm_tiling(self.model.vae, self.cfg.vae_tile_size, self.cfg.vae_tile_padding)
 
-    @torch.inference_mode()
-    def _run_chunk(self, lq: torch.Tensor, targets: list[int], prevs: list[int], orig: tuple[int, int],
-                   ) -> list[np.ndarray]:
-        """Frames ``targets`` of the LR chunk ``lq (F, 3, h, w)`` in [-1, 1] -> RGB uint8 HR frames."""
-        model, s = self.model, self.scale
-        padded, (h2, w2) = self._prepare(lq)
-        with self._autocast(), self._vae_tiling():
-            up = model.upsample_lq(padded)
-            z = model.encode_latents(up.to(self.dtype))
-            embeds = model.encode_prompts([self.prompt] * len(targets)).to(self.dtype)
-            args = (up[prevs], up[targets], z[prevs], z[targets], embeds)
-            lh, lw = z.shape[-2:]
-            if needs_tiling(lh, lw, self.cfg.tile_size):
-                fused, out = tiled_denoise(model, *args, tile=self.cfg.tile_size, overlap=self.cfg.tile_overlap,
-                                           align=self._tile_align)
-            else:
-                fused, out = model.denoise(*args)
-            images = model.decode_latents(model.to_x0(fused.float(), out.float()))
-        images = (images.float() + 1) / 2
-        images = color_fix(images, (up[targets].float() + 1) / 2, self.color_fix)
-        images = images[..., : h2 * s, : w2 * s]
-        target = (orig[0] * s, orig[1] * s)
-        if images.shape[-2:] != target:
-            images = F.interpolate(images, size=target, mode="bicubic", align_corners=False, antialias=True)
-        return _to_uint8(images)
+    def runner(self) -> WindowRunner:
+        """The window runner of this model and these settings (sampled latents from the source's seed)."""
+        runner_cls = ReferenceWindowRunner if self.cfg.reference_io else WindowRunner
+        return runner_cls(self.model, self.scale, self.settings, self.prompt, dtype=self.dtype, device=self.device,
+                          vae_context=self._vae_tiling, generator=self._generator)
 
     def upscale_frames(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Upscale a frame sequence (RGB uint8 ``(h, w, 3)``), yielding every output frame in order."""
-        prev: np.ndarray | None = None
-        chunk: list[np.ndarray] = []
-        for frame in frames:
-            chunk.append(frame)
-            if len(chunk) == self.cfg.batch_windows:
-                yield from self._flush(prev, chunk)
-                prev, chunk = chunk[-1], []
-        if chunk:
-            yield from self._flush(prev, chunk)
+        """Upscale a frame sequence (RGB uint8 ``(h, w, 3)``), yielding every output frame in order.
 
-    def _flush(self, prev: np.ndarray | None, chunk: list[np.ndarray]) -> list[np.ndarray]:
-        shapes = {f.shape for f in chunk} | ({prev.shape} if prev is not None else set())
-        if len(shapes) != 1:
-            raise InputError(f"frames of one video must share one size, got {sorted(shapes)}")
-        frames = ([prev] if prev is not None else [chunk[0]]) + chunk
-        lq = _to_tensor(frames, self.device)
-        targets = list(range(1, len(frames)))
-        prevs = [t - 1 for t in targets]
-        return self._run_chunk(lq, targets, prevs, chunk[0].shape[:2])
+        Sampled VAE latents (``vae_latent=sample`` models) come from a stream seeded with ``cfg.seed`` per
+        sequence, as in the export's diffusers pipeline; torch's global RNG is left untouched.
+
+        Raises:
+            InputError: The frames do not share one size.
+        """
+        if self.cfg.seed is not None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        try:
+            if self.prompter is not None:  # the reference's per-video prompt, from the first frame
+                first, frames = peek_first(frames)
+                if first is not None:
+                    self.prompt = video_prompt(self.prompter, first, self.scale, self.cfg.prompt or "")
+                    log.info("prompt from %s: %r", self.cfg.prompt_tagger or self.cfg.prompt_model, self.prompt)
+            yield from self.runner().upscale(frames)
+        except FrameSizeError as err:
+            raise InputError(str(err)) from err
 
     # ------------------------------------------------------------------ files
     def upscale_source(self, source: VideoSource, out: Path, *, overwrite: bool = False) -> Path:
@@ -283,8 +223,6 @@ class Upscaler:
         temporary sibling is removed. ``overwrite`` lets the end replace an existing video, or the frames
         of an existing frame folder (:class:`~dlightning.inference.video_io.FrameFolderWriter`).
         """
-        if self.cfg.seed is not None:
-            torch.manual_seed(self.cfg.seed)
         as_video = is_video_path(out)
         if as_video and source.fps is None:
             raise InputError(f"{source.path} is a frame folder (no frame rate): give an output folder "
@@ -449,6 +387,16 @@ def upscale_path(model, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *,
     check_frame_sizes(sources, int(model.cfg.scale), cfg.min_short_side)
     upscaler = Upscaler(model, cfg, color_fix_default=color_fix_default, prompt_default=prompt_default)
     return [upscaler.upscale_source(s, t, overwrite=overwrite) for s, t in zip(sources, targets, strict=True)]
+
+
+def export_upscaler(model, cfg: UpscaleConfig | None = None) -> Upscaler:
+    """An :class:`Upscaler` of a loaded export (``load_exported``) whose defaults are the export's own.
+
+    ``cfg.color_fix`` / ``cfg.prompt`` left at None take the colour fix and prompt stored in the export.
+    """
+    meta = model.meta
+    return Upscaler(model, cfg or UpscaleConfig(), color_fix_default=meta.get("color_fix", "adain"),
+                    prompt_default=meta.get("prompt", ""))
 
 
 def upscale_exported(export_dir: str | Path, inp: str | Path, out: str | Path, cfg: UpscaleConfig, *,

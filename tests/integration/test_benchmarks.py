@@ -43,14 +43,47 @@ def test_train_step_smoke(tmp_path, capsys):
     out = tmp_path / "results.md"
     _bench("bench_train_step").main(["--size", "32", "--phases", "detail", "--precisions", "fp32",
                                      "--checkpointing", "off", "--warmup", "0", "--steps", "1",
-                                     "--results", str(out)])
+                                     "--profile", "--results", str(out)])
     printed = capsys.readouterr().out
-    rows = _rows(out.read_text())
-    assert "bench_train_step" in printed and out.read_text().strip() in printed.strip()
+    text = out.read_text()
+    rows = _rows(text[: text.index("Per-component breakdown")])
+    assert "bench_train_step" in printed and text.strip() in printed.strip()
     assert [r[3] for r in rows] == ["dlightning", "reference"]
     ours = rows[0]
     assert float(ours[4]) > 0 and float(ours[7]) > 0 and ours[8] == "n/a"  # clips/s, GFLOP, MFU on CPU
     assert float(ours[9]) > 0  # speed-up measured against the reference row
+    breakdown = printed[printed.index("Per-component breakdown"):]
+    for part in ("UNet", "VAE decode", "LPIPS", "CSD teacher (UNet)", "optimizer"):
+        assert f"| {part} |" in breakdown, part
+
+
+def test_breakdown_charges_work_to_its_region():
+    """FLOPs per region against the hand count; a backward is charged to the region of its forward."""
+    import torch
+
+    bd = _bench("breakdown")
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(32, 8, bias=False)
+
+        def first(self, x):
+            return self.a(x)
+
+        def second(self, h):
+            return self.b(h)
+
+    m, x = Two(), torch.randn(4, 16)
+    result = bd.profile_call(lambda: m.second(m.first(x)).sum().backward(),
+                             targets=[(m, "first", "A"), (m, "second", "B")], calls=2)
+    per_call = {k: v // 2 for k, v in result.flops.items()}
+    assert per_call[("A", "forward")] == 2 * 4 * 16 * 32
+    assert per_call[("B", "forward")] == 2 * 4 * 32 * 8
+    assert per_call[("B", "backward")] == 2 * (2 * 4 * 32 * 8)  # grad of the input and of the weight
+    assert per_call[("A", "backward")] == 2 * 4 * 16 * 32  # x needs no grad: the weight's only
+    assert result.seconds[("A", "forward")] > 0 and result.seconds[("B", "backward")] > 0
+    assert "first" not in vars(m)  # the wrapping is undone
 
 
 def test_inference_smoke(tmp_path, capsys):
@@ -59,8 +92,24 @@ def test_inference_smoke(tmp_path, capsys):
                                     "no", "--channels-last", "off", "--results", str(out)])
     rows = _rows(out.read_text())
     assert [r[1] for r in rows] == ["yes", "no"]
-    assert all(float(r[5]) > 0 for r in rows)
+    assert all(float(r[6]) > 0 for r in rows)
     assert "bench_inference" in capsys.readouterr().out
+
+
+def test_inference_from_a_model_folder_with_breakdown(tmp_path, capsys):
+    from dlightning.models.tiny import save_tiny_pretrained
+
+    folder = save_tiny_pretrained(tmp_path / "model")
+    out = tmp_path / "results.md"
+    _bench("bench_inference").main(["--pretrained", str(folder), "--sizes", "16", "--frames", "2", "--batches", "1",
+                                    "--merged", "yes", "--channels-last", "off", "--profile", "--results", str(out)])
+    text = out.read_text()
+    assert f"model folder {folder}" in text
+    breakdown = text[text.index("Per-component breakdown"):]
+    for part in ("VAE encode", "UNet", "CFR", "VAE decode", "colour fix"):
+        assert f"| {part} | forward |" in breakdown, part
+    assert "| backward |" not in breakdown  # inference builds no graph
+    capsys.readouterr()
 
 
 def test_data_smoke(tmp_path):

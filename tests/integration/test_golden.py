@@ -62,7 +62,7 @@ def test_resolved_shard_config_matches_golden(path: Path) -> None:
 
 def _logged_losses(run_dir: Path) -> dict[str, dict[str, float]]:
     """``{optimizer step: {loss key: value}}`` from the CSV logger of a run."""
-    rows = list(csv.DictReader((run_dir / "logs" / "version_0" / "metrics.csv").open()))
+    rows = list(csv.DictReader((run_dir / "logs" / "csv" / "version_0" / "metrics.csv").open()))
     losses: dict[str, dict[str, float]] = {}
     for row in rows:
         values = {k: float(row[k]) for k in LOSS_KEYS if row.get(k)}

@@ -26,7 +26,8 @@ def _restore_level():
 def test_every_verb_is_in_the_one_table() -> None:
     names = [verb.name for verb in VERBS]
     assert names == sorted(set(names), key=names.index)  # no duplicates
-    assert set(names) == {"fit", "validate", "export", "upscale", "shards", "submit", "config", "inspect", "demo"}
+    assert set(names) == {"fit", "validate", "export", "upscale", "evaluate", "shards", "submit", "config",
+                          "inspect", "demo"}
 
 
 def test_bad_input_is_one_line_exit_2_and_debug_shows_the_traceback(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,8 +4,8 @@ Layers, lowest first (README "Layout"):
 
 0. shared contracts and utilities: ``errors``, ``utils``, ``contracts``, ``resources``;
 1. components: ``media``, ``models``, ``losses``, ``degradation``, ``shards``, ``data``, ``metrics``;
-2. components built on those: ``training``, ``inference``, ``export``, ``tracking``, ``launch``;
-3. composition roots: ``config``, ``resume_check``, ``train``, ``validate``, ``demo``;
+2. components built on those: ``training``, ``inference``, ``export``, ``tracking``, ``launch``, ``evaluation``;
+3. composition roots: ``config``, ``resume_check``, ``train``, ``validate``, ``demo``, ``evaluate``;
 4. the command line: ``cli``, ``__main__``.
 
 Imports inside functions count too. Within a layer the component graph must be acyclic, and the
@@ -23,8 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dlightning"
 LAYERS: dict[str, int] = {
     "errors": 0, "utils": 0, "contracts": 0, "resources": 0,
     "media": 1, "models": 1, "losses": 1, "degradation": 1, "shards": 1, "data": 1, "metrics": 1,
-    "training": 2, "inference": 2, "export": 2, "tracking": 2, "launch": 2,
-    "config": 3, "resume_check": 3, "train": 3, "validate": 3, "demo": 3,
+    "training": 2, "inference": 2, "export": 2, "tracking": 2, "launch": 2, "evaluation": 2,
+    "config": 3, "resume_check": 3, "train": 3, "validate": 3, "demo": 3, "evaluate": 3,
     "cli": 4, "__main__": 4,
 }
 INDEPENDENT = {("data", "shards"), ("shards", "data")}
@@ -105,6 +105,14 @@ def test_component_graph_is_acyclic() -> None:
 
     for start in sorted(graph):
         visit(start, [])
+
+
+def test_standalone_modules_import_nothing_of_the_package() -> None:
+    """``models/standalone/`` (layer 1) is copied into every export, which runs without dlightning."""
+    folder = PACKAGE / "models" / "standalone"
+    found = [f"{path.name}:{line} imports {module}" for path in sorted(folder.glob("*.py"))
+             for line, module in _imports(path) if not module.startswith("dlightning.models.standalone")]
+    assert not found, "\n".join(found)
 
 
 def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
