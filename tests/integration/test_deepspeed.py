@@ -21,6 +21,9 @@ import pytest
 import torch
 from helpers import train_probe
 
+# Multi-process runs of minutes: in the `slow` group, which `.ci/run` runs by file after the default suite.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("deepspeed")
 
 STEPS = 6

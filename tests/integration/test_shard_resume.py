@@ -31,6 +31,9 @@ from helpers.state_compare import assert_same_training_state, load_checkpoint
 
 from dlightning.contracts.checkpoint_format import step_checkpoint_name, step_from_name
 
+# Multi-process runs of minutes: in the `slow` group, which `.ci/run` runs by file after the default suite.
+pytestmark = pytest.mark.slow
+
 N = 8
 C_END, D_END = 1, 4
 """Consistency steps 0-1, detail 2-4, consistency 5-7."""
